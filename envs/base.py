@@ -1,0 +1,75 @@
+"""The protocol every task environment follows.
+
+An environment owns its tasks (a seeded stream for training, a fixed held-out set for
+evaluation), the oracle demonstrations for SFT warm starts, the environment step that follows a
+model turn, and the verifier. It knows nothing of the learner.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import random
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Task:
+    id: str
+    prompt: str                        # the user message
+    answer: str                        # the reference answer the verifier checks against
+    domain: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+class Env(abc.ABC):
+    domain: str = ""
+
+    def __init__(self, latency: str = "none", seed: int = 0):
+        self._latency = parse_latency(latency)
+        self._latency_rng = random.Random(seed ^ 0x5EED)
+
+    @abc.abstractmethod
+    def sample(self, rng: random.Random) -> Task:
+        """A training task (never one of the held-out tasks)."""
+
+    @abc.abstractmethod
+    def eval_tasks(self, n: int) -> list[Task]:
+        """The first n tasks of the fixed held-out set."""
+
+    @abc.abstractmethod
+    def demonstration(self, task: Task) -> str:
+        """An oracle response for SFT."""
+
+    @abc.abstractmethod
+    def verify(self, task: Task, response: str) -> tuple[float, dict]:
+        """Reward in [0, 1] and its breakdown."""
+
+    async def step(self, task: Task, response: str) -> None:
+        """The environment's work after a model turn (a tool call, a test run).
+
+        The toy environments have none, but can simulate its wall time (`task.tool_latency`), which
+        in agentic RL is long-tailed and is what asynchronous rollouts hide.
+        """
+        delay = self._latency(self._latency_rng)
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+def parse_latency(spec: str):
+    """`none` | `fixed:S` | `lognormal:MEDIAN:SIGMA[:CAP]` -> a function rng -> seconds."""
+    kind, *args = spec.split(":")
+    try:
+        values = [float(a) for a in args]
+    except ValueError:
+        raise ValueError(f"task.tool_latency={spec!r}: arguments must be numbers") from None
+    if kind == "none" and not values:
+        return lambda rng: 0.0
+    if kind == "fixed" and len(values) == 1:
+        return lambda rng: values[0]
+    if kind == "lognormal" and len(values) in (2, 3):
+        import math
+        median, sigma = values[:2]
+        cap = values[2] if len(values) == 3 else math.inf
+        return lambda rng: min(cap, median * math.exp(sigma * rng.gauss(0.0, 1.0)))
+    raise ValueError(f"task.tool_latency={spec!r}: expected none, fixed:S or lognormal:MEDIAN:SIGMA[:CAP]")

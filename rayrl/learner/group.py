@@ -1,0 +1,72 @@
+"""LearnerGroup: N LearnerWorker actors driven like one object."""
+
+from __future__ import annotations
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rayrl.learner.worker import LearnerWorker
+
+
+def split_balanced(metas: list[dict], n: int) -> list[list[int]]:
+    """Assign groups to n ranks, largest first to the least-loaded rank (by path tokens)."""
+    shares: list[list[int]] = [[] for _ in range(n)]
+    loads = [0] * n
+    for i in sorted(range(len(metas)), key=lambda i: -metas[i]["num_tokens"]):
+        r = loads.index(min(loads))
+        shares[r].append(i)
+        loads[r] += metas[i]["num_tokens"]
+    return shares
+
+
+class LearnerGroup:
+    def __init__(self, model_path: str, learner_cfg, lr: float, temperature: float, seed: int = 0,
+                 torch_threads: int = 1):
+        n = learner_cfg.num_workers
+        bundle = {"CPU": learner_cfg.num_cpus, **({"GPU": learner_cfg.num_gpus} if learner_cfg.num_gpus else {})}
+        self.placement = placement_group([bundle] * n, strategy="PACK")
+        ray.get(self.placement.ready())
+        actor = ray.remote(LearnerWorker)
+        self.workers = [
+            actor.options(num_cpus=learner_cfg.num_cpus, num_gpus=learner_cfg.num_gpus,
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, i),
+                          name=None).remote(model_path, learner_cfg, i, n, temperature, seed, torch_threads)
+            for i in range(n)]
+        addr, port = ray.get(self.workers[0].address.remote())
+        ray.get([w.setup.remote(addr, port, lr) for w in self.workers])
+
+    def train_step(self, batch: list[tuple[dict, ray.ObjectRef]], kind: str, lr: float) -> dict:
+        """One synchronous update on `batch` = [(group meta, tree ref)]; returns batch-level stats."""
+        metas = [m for m, _ in batch]
+        totals = {"loss_tokens": sum(m["loss_tokens"] for m in metas),
+                  "num_paths": sum(m["num_paths"] - m["infra_failures"] for m in metas)}
+        shares = split_balanced(metas, len(self.workers))
+        results = ray.get([w.train_step.remote([batch[i][1] for i in share], kind, lr, totals)
+                           for w, share in zip(self.workers, shares)])
+        merged: dict[str, float] = {}
+        for r in results:
+            for k, v in r.items():
+                merged[k] = max(merged.get(k, v), v) if k.endswith("_max") else merged.get(k, 0.0) + v
+        tokens = max(merged.pop("loss_tokens", 0.0), 1.0)
+        stats = {k[:-4]: v / tokens for k, v in merged.items() if k.endswith("_sum")}
+        stats.update({k: v for k, v in merged.items() if k.endswith("_max")})
+        stats["loss"] = merged.get("loss", 0.0)
+        stats["grad_norm"] = results[0]["grad_norm"]
+        stats["loss_tokens"] = tokens
+        return stats
+
+    def publish(self) -> ray.ObjectRef:
+        """The current weights in the object store (every rank holds them whole under ZeRO 0-2)."""
+        return ray.get(self.workers[0].publish.remote())[0]
+
+    def logprobs(self, tree_refs: list) -> list:
+        return ray.get(self.workers[0].logprobs.remote(tree_refs))
+
+    def save(self, path: str) -> None:
+        ray.get([w.save.remote(path) for w in self.workers])
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        ray.util.remove_placement_group(self.placement)

@@ -1,0 +1,175 @@
+"""LearnerWorker: one data-parallel rank training with DeepSpeed (ZeRO over gloo on CPU, nccl on GPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import torch
+
+from rayrl.algo.logprobs import gather_logprobs
+from rayrl.algo.losses import aggregate, policy_token_loss, sft_token_loss
+from rayrl.tree import Path, TrajectoryTree
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def pad_paths(paths: list[Path], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad paths into [B, T] tensors; position t of the shifted arrays predicts token t+1."""
+    width = max(len(p) for p in paths)
+    out = {"tokens": np.full((len(paths), width), pad_id, np.int64),
+           "attention": np.zeros((len(paths), width), np.int64),
+           "behaviour": np.zeros((len(paths), width), np.float32),
+           "loss_mask": np.zeros((len(paths), width), np.float32),
+           "advantage": np.zeros((len(paths), width), np.float32)}
+    for i, p in enumerate(paths):
+        n = len(p)
+        out["tokens"][i, :n] = p.tokens
+        out["attention"][i, :n] = 1
+        out["behaviour"][i, :n] = p.logprobs
+        out["loss_mask"][i, :n] = p.loss_mask
+        out["advantage"][i, :n] = p.advantage or 0.0
+    batch = {k: torch.from_numpy(v) for k, v in out.items()}
+    # Labels are tokens[1:]; every per-token array is shifted to align with them.
+    for k in ("behaviour", "loss_mask", "advantage"):
+        batch[k] = batch[k][:, 1:]
+    return batch
+
+
+def micro_batches(paths: list[Path], token_budget: int) -> list[list[Path]]:
+    """Group paths of similar length so that each padded micro-batch stays under the budget."""
+    order = sorted(paths, key=len, reverse=True)
+    batches, current = [], []
+    for p in order:
+        if current and len(current[0]) * (len(current) + 1) > token_budget:
+            batches.append(current)
+            current = []
+        current.append(p)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class LearnerWorker:
+    def __init__(self, model_path: str, learner_cfg, rank: int, world_size: int, temperature: float = 1.0,
+                 seed: int = 0, torch_threads: int = 1):
+        torch.set_num_threads(torch_threads)
+        self.cfg = learner_cfg
+        self.rank, self.world_size = rank, world_size
+        self.model_path = model_path
+        self.temperature = temperature if temperature > 0 else 1.0
+        self.seed = seed
+        self.engine = None
+
+    def address(self) -> tuple[str, int]:
+        import ray
+        return ray.util.get_node_ip_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int, lr: float) -> None:
+        import deepspeed
+
+        from rayrl.models import load_model
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0" if torch.cuda.is_available() else "0")
+        backend = self.cfg.backend if self.cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        torch.manual_seed(self.seed)
+        model = load_model(self.model_path)
+        model.config.use_cache = False
+        # A torch optimizer instead of DeepSpeed's CPU Adam: no C++ op to compile at start-up.
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=self.cfg.weight_decay)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": self.cfg.grad_clip,
+            "zero_optimization": {"stage": self.cfg.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 1 << 30,
+            # step() is the accumulation boundary: a step may have any number of micro-batches.
+            "managed_gradient_accumulation": False,
+        }
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.device = self.engine.device
+
+    # -- training -------------------------------------------------------------------------
+    def _token_logprobs(self, batch: dict) -> torch.Tensor:
+        tokens = batch["tokens"].to(self.device)
+        attention = batch["attention"].to(self.device)
+        logits = self.engine(input_ids=tokens, attention_mask=attention).logits
+        return gather_logprobs(logits[:, :-1], tokens[:, 1:], self.temperature)
+
+    def train_step(self, tree_refs: list, kind: str, lr: float, totals: dict) -> dict:
+        """One optimizer step on this rank's share of the batch.
+
+        `totals` holds the whole batch's loss-token and path counts (over all ranks), so that the
+        aggregated loss is the full-batch loss however it is split. DeepSpeed averages gradients
+        over ranks, hence the factor world_size.
+        """
+        import ray
+        trees: list[TrajectoryTree] = ray.get(tree_refs) if tree_refs else []
+        paths = [p for t in trees for p in t.paths() if not p.infra_failure]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.engine.train()
+        batches = micro_batches(paths, self.cfg.micro_batch_tokens) if paths else []
+        sums: dict[str, float] = {}
+        for batch in batches:
+            loss, stats = self._micro_loss(pad_paths(batch), kind, totals)
+            self.engine.backward(loss * self.world_size)
+            for k, v in stats.items():
+                sums[k] = max(sums.get(k, v), v) if k.endswith("_max") else sums.get(k, 0.0) + v
+        if not batches:
+            # A rank without data still joins the step's collective gradient reduction.
+            self.engine.backward(sum(p.sum() for p in self.engine.module.parameters()) * 0.0)
+        self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        return sums
+
+    def _micro_loss(self, batch: dict, kind: str, totals: dict) -> tuple[torch.Tensor, dict]:
+        logprobs = self._token_logprobs(batch)
+        mask = batch["loss_mask"].to(self.device)
+        n_tokens = float(mask.sum())
+        loss_cfg = self.cfg.loss
+        if kind == "sft":
+            token_loss, stats = sft_token_loss(logprobs) * mask, {}
+            mode = "token_mean"
+        else:
+            # One optimizer step per batch: the proximal policy pi_old is the current one.
+            token_loss, stats = policy_token_loss(logprobs, logprobs.detach(), batch["behaviour"].to(self.device),
+                                                  batch["advantage"].to(self.device), mask, loss_cfg)
+            mode = loss_cfg.aggregation
+        loss = aggregate(token_loss, mask, mode, totals["loss_tokens"], totals["num_paths"],
+                         loss_cfg.constant_norm)
+        # Token-weighted sums, so that the group can average over the whole batch.
+        out = {f"{k}_sum": float(v) * n_tokens for k, v in stats.items() if not k.endswith("_max")}
+        out.update({k: float(v) for k, v in stats.items() if k.endswith("_max")})
+        out["loss"] = float(loss.detach())
+        out["nll_sum"] = float(-(logprobs.detach() * mask).sum())
+        out["loss_tokens"] = n_tokens
+        return loss, out
+
+    @torch.no_grad()
+    def logprobs(self, tree_refs: list) -> list[np.ndarray]:
+        """Learner log-probs of every path's tokens (position t: log-prob of token t+1)."""
+        import ray
+        self.engine.eval()
+        paths = [p for t in ray.get(tree_refs) for p in t.paths()]
+        return [self._token_logprobs(pad_paths([p]))[0].cpu().numpy() for p in paths]
+
+    # -- weights ----------------------------------------------------------------------------
+    def publish(self) -> list:
+        """Put this rank's full weights in the object store; returns [ref] (rank 0 only)."""
+        import ray
+
+        from rayrl.models import state_dict_numpy
+        return [ray.put(state_dict_numpy(self.engine.module))]
+
+    def save(self, path: str) -> None:
+        if self.rank == 0:
+            self.engine.module.save_pretrained(path)

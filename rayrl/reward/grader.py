@@ -1,0 +1,36 @@
+"""RewardGrader: scores finished trajectory trees with their environment's verifier."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from envs import Task, make_env
+from rayrl.algo.advantages import assign_advantages
+from rayrl.tree import TrajectoryTree, summarize
+
+
+class RewardGrader:
+    def __init__(self, task_cfg, tokenizer_path: str, advantage_mode: str = "grpo"):
+        from rayrl.models import load_tokenizer
+        self.env = make_env(task_cfg)
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.advantage_mode = advantage_mode
+        self.graded = 0
+
+    def response_text(self, tree: TrajectoryTree, leaf: int) -> str:
+        """Text of the model-sampled tokens on the path to `leaf` (observations excluded)."""
+        chain = tree.ancestry(leaf)[1:]
+        ids = np.concatenate([tree.nodes[i].tokens[tree.nodes[i].loss_mask.astype(bool)] for i in chain]) \
+            if chain else np.zeros(0, np.int32)
+        return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+
+    def grade(self, tree: TrajectoryTree) -> tuple[TrajectoryTree, dict]:
+        task = Task(**tree.meta["task"])
+        for leaf in tree.leaves():
+            node = tree.nodes[leaf]
+            if node.infra_failure:
+                continue
+            node.reward, node.reward_info = self.env.verify(task, self.response_text(tree, leaf))
+        assign_advantages(tree, self.advantage_mode)
+        self.graded += 1
+        return tree, summarize(tree)

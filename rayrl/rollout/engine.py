@@ -1,0 +1,61 @@
+"""The inference-engine interface shared by the torch engine, vLLM and teachers in scoring mode.
+
+Token-in/token-out: prompts and completions are token ids, never text, so the learner trains on
+exactly the ids the engine sampled.
+
+Log-prob convention (the learner must compute the same quantity): the log-prob recorded for a
+sampled token is `log softmax(logits / T)[token]`, T the sampling temperature, with T = 1 for
+greedy decoding (temperature 0); see `rayrl.algo.logprobs.gather_logprobs`. Top-p only restricts
+which tokens can be drawn: the recorded value is the log-prob under the full tempered
+distribution, not under the renormalised nucleus, because that is the distribution the learner
+can recompute from logits alone.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+
+TokenIds = np.ndarray | list[int]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 1.0                # 0 = greedy
+    top_p: float = 1.0                      # nucleus mass kept; 1 = no truncation
+    stop_token_ids: tuple[int, ...] = ()    # a sequence ends after emitting one of these (kept in its output)
+    seed: int | None = None                 # None: continue the engine's own random stream
+
+    def logprob_temperature(self) -> float:
+        """The T of the recorded log-probs: the sampling temperature, or 1 for greedy decoding."""
+        return self.temperature if self.temperature > 0 else 1.0
+
+
+@dataclass
+class Completion:
+    tokens: np.ndarray      # int32 sampled ids, the stop token included when one was hit
+    logprobs: np.ndarray    # float32 log-prob of each sampled token (see the module's convention)
+    finish_reason: str      # "stop" (emitted a stop token) | "length" (reached max_new_tokens)
+    version: int            # weight version that produced it
+
+
+class Engine(abc.ABC):
+    """Samples continuations of token prompts and scores given continuations, at a weight version."""
+
+    version: int
+
+    @abc.abstractmethod
+    def generate(self, prompts: list[TokenIds], params: SamplingParams) -> list[Completion]:
+        """One completion per prompt, in the order of `prompts`."""
+
+    @abc.abstractmethod
+    def score(self, prompts: list[TokenIds], continuations: list[TokenIds],
+              temperature: float = 1.0) -> list[np.ndarray]:
+        """float32 `log softmax(logits / temperature)` of each continuation token given its prefix."""
+
+    @abc.abstractmethod
+    def load_weights(self, state_dict: dict[str, np.ndarray], version: int) -> None:
+        """Replace the weights (numpy arrays by parameter name) and set `version`."""

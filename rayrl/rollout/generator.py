@@ -1,0 +1,178 @@
+"""RolloutGenerator: runs episodes continuously and turns them into trajectory trees.
+
+Many episodes are in flight at once (their environment steps overlap); their model turns are
+gathered into batched engine calls. New weights are picked up between engine calls, so every
+sampled token records the version that produced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from envs import Task, make_env
+from rayrl.rollout.engine import Completion, SamplingParams
+from rayrl.tree import TrajectoryTree
+
+
+class _Batcher:
+    """Collects concurrent generate requests into one engine call (the engine runs in a thread)."""
+
+    def __init__(self, engine, max_batch: int):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.pending_weights: tuple[int, object] | None = None
+        self.busy_s = 0.0
+        self.tokens = 0
+
+    async def generate(self, prompt, params: SamplingParams) -> Completion:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((prompt, params, future))
+        return await future
+
+    async def _apply_weights(self) -> None:
+        version, ref = self.pending_weights
+        self.pending_weights = None
+        if version > self.engine.version:
+            state = await ref
+            await asyncio.to_thread(self.engine.load_weights, state, version)
+
+    async def serve(self) -> None:
+        while True:
+            items = [await self.queue.get()]
+            await asyncio.sleep(0)   # let the other ready episodes enqueue their turns
+            while not self.queue.empty() and len(items) < self.max_batch:
+                items.append(self.queue.get_nowait())
+            try:
+                await self._run(items)
+            except Exception as err:  # fail the episodes that asked, keep serving the others
+                for _, _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(err)
+
+    async def _run(self, items: list) -> None:
+        if self.pending_weights is not None:
+            await self._apply_weights()
+        by_params: dict[SamplingParams, list] = {}
+        for item in items:
+            by_params.setdefault(item[1], []).append(item)
+        for params, group in by_params.items():
+            start = time.perf_counter()
+            outs = await asyncio.to_thread(self.engine.generate, [g[0] for g in group], params)
+            self.busy_s += time.perf_counter() - start
+            for (_, _, fut), out in zip(group, outs):
+                self.tokens += len(out.tokens)
+                fut.set_result(out)
+
+
+class RolloutGenerator:
+    def __init__(self, model_path: str, rollout_cfg, task_cfg, seed: int = 0, torch_threads: int = 1):
+        import torch
+
+        from rayrl.models import load_tokenizer
+        from rayrl.rollout.torch_engine import TorchEngine
+        torch.set_num_threads(torch_threads)
+        self.cfg = rollout_cfg
+        self.tokenizer = load_tokenizer(model_path)
+        self.engine = TorchEngine(model_path, max_batch=rollout_cfg.max_batch, seed=seed)
+        self.env = make_env(task_cfg, seed)
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.params = SamplingParams(max_new_tokens=rollout_cfg.max_new_tokens,
+                                     temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
+                                     stop_token_ids=tuple(self.stop_ids()))
+        self.batcher = _Batcher(self.engine, rollout_cfg.max_batch)
+        self._serve_task: asyncio.Task | None = None
+        self._running = False
+        self.groups = 0
+        self.env_s = 0.0
+
+    def stop_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.add(im_end)
+        return sorted(i for i in ids if i is not None)
+
+    def _ensure_serving(self) -> None:
+        if self._serve_task is None or self._serve_task.done():
+            self._serve_task = asyncio.get_running_loop().create_task(self.batcher.serve())
+
+    def prompt_tokens(self, task: Task) -> list[int]:
+        """The chat template is applied once; the tokens are never re-tokenized afterwards."""
+        return list(self.tokenizer.apply_chat_template([{"role": "user", "content": task.prompt}],
+                                                       add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
+
+    def set_weights(self, version: int, ref: list) -> None:
+        """Queue weights `version` (ref = [ObjectRef]); the engine swaps them in between batches."""
+        current = self.batcher.pending_weights
+        if current is None or version > current[0]:
+            self.batcher.pending_weights = (version, ref[0])
+
+    def version(self) -> int:
+        return self.engine.version
+
+    # -- episodes ---------------------------------------------------------------------------
+    async def _sample(self, task: Task, prompt: list[int], params: SamplingParams) -> Completion:
+        completion = await self.batcher.generate(prompt, params)
+        text = self.tokenizer.decode(completion.tokens.tolist(), skip_special_tokens=True)
+        start = time.perf_counter()
+        await self.env.step(task, text)
+        self.env_s += time.perf_counter() - start
+        return completion
+
+    async def rollout_group(self, task: Task, group_id: str) -> TrajectoryTree:
+        self._ensure_serving()
+        prompt = self.prompt_tokens(task)
+        params = replace(self.params, seed=self.rng.getrandbits(31))
+        completions = await asyncio.gather(*(self._sample(task, prompt, params) for _ in range(self.cfg.group_size)))
+        tree = TrajectoryTree(prompt, meta={"group_id": group_id, "task": vars(task)})
+        for c in completions:
+            n = len(c.tokens)
+            tree.add(0, c.tokens, c.logprobs, np.ones(n, np.uint8), np.full(n, c.version, np.int32),
+                     meta={"finish_reason": c.finish_reason})
+        self.groups += 1
+        return tree
+
+    async def run(self, buffer, graders: list, concurrency: int) -> int:
+        """Produce groups until stopped: admit -> roll out -> grade -> store, `concurrency` at a time."""
+        self._running = True
+        counter = iter(range(1 << 62))
+
+        async def worker(slot: int) -> None:
+            while self._running:
+                if not await buffer.acquire.remote():
+                    continue
+                n = next(counter)
+                tree = await self.rollout_group(self.env.sample(self.rng), f"{self.seed}-{n}")
+                grader = graders[n % len(graders)]
+                graded, meta = grader.grade.options(num_returns=2).remote(tree)
+                await buffer.put.remote(meta, [graded])
+
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        return self.groups
+
+    def stop(self) -> None:
+        self._running = False
+
+    def stats(self) -> dict:
+        return {"groups": self.groups, "gen_tokens": self.batcher.tokens, "gen_busy_s": self.batcher.busy_s,
+                "env_s": self.env_s, "version": self.engine.version}
+
+    # -- evaluation ---------------------------------------------------------------------------
+    async def evaluate(self, tasks: list[dict], temperature: float = 0.0) -> list[float]:
+        """Reward of one sample per task (greedy by default) under the current weights."""
+        self._ensure_serving()
+        if self.batcher.pending_weights is not None:
+            await self.batcher._apply_weights()
+        params = replace(self.params, temperature=temperature, seed=self.seed)
+        tasks = [Task(**t) for t in tasks]
+        outs = await asyncio.gather(*(self.batcher.generate(self.prompt_tokens(t), params) for t in tasks))
+        return [self.env.verify(t, self.tokenizer.decode(o.tokens.tolist(), skip_special_tokens=True))[0]
+                for t, o in zip(tasks, outs)]

@@ -1,0 +1,26 @@
+"""GRPO on the toy arithmetic task: SFT warm start, then asynchronous GRPO, evaluated before and after.
+
+    python recipes/grpo.py trainer.total_steps=20 trainer.lr=1e-5 run.dir=/tmp/x
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rayrl.config import ConfigError, GRPOConfig, load  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = load(GRPOConfig, os.path.join(os.path.dirname(os.path.abspath(__file__)), "grpo.yaml"), argv)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    from rayrl.pipeline import print_summary, run
+    print_summary(run(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,61 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rayrl.config import ConfigError, GRPOConfig, load
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE_YAML = ROOT / "recipes" / "grpo.yaml"
+
+
+def test_overrides_are_typed_and_merged_over_yaml():
+    cfg = load(GRPOConfig, str(RECIPE_YAML), ["trainer.total_steps=20", "trainer.lr=1e-5", "run.dir=/tmp/x"])
+    assert cfg.trainer.total_steps == 20 and isinstance(cfg.trainer.total_steps, int)
+    assert cfg.trainer.lr == pytest.approx(1e-5)
+    assert cfg.run.dir == "/tmp/x"
+    assert cfg.trainer.sft.steps == 100  # from the YAML, not the dataclass default
+
+
+@pytest.mark.parametrize("arg, key", [
+    ("trainer.totl_steps=3", "trainer.totl_steps"),
+    ("learner.loss.nope=1", "learner.loss.nope"),
+    ("trainer.total_steps=abc", "trainer.total_steps"),
+    ("replay.filter_zero_variance=maybe", "replay.filter_zero_variance"),
+    ("learner.loss.off_policy=vtrace", "learner.loss.off_policy"),
+    ("replay.max_staleness=-1", "replay.max_staleness"),
+    ("rollout.top_p=1.5", "rollout.top_p"),
+    ("learner.zero_stage=4", "learner.zero_stage"),
+])
+def test_bad_keys_and_values_name_the_key(arg, key):
+    with pytest.raises(ConfigError) as err:
+        load(GRPOConfig, str(RECIPE_YAML), [arg])
+    assert key in str(err.value)
+
+
+def test_argument_without_equals_is_rejected():
+    with pytest.raises(ConfigError, match="key=value"):
+        load(GRPOConfig, None, ["trainer.total_steps"])
+
+
+def test_bad_yaml_key_names_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  learning_rate: 1.0\n")
+    with pytest.raises(ConfigError) as err:
+        load(GRPOConfig, str(bad), [])
+    assert "trainer.learning_rate" in str(err.value) and "bad.yaml" in str(err.value)
+
+
+def test_config_imports_without_torch_or_ray():
+    code = ("import sys, rayrl.config, rayrl.tree, rayrl.algo.advantages;"
+            "bad = [m for m in ('torch', 'ray') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_recipe_fails_before_any_actor_on_bad_key():
+    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "grpo.py"), "trainer.totl_steps=3"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2
+    assert "trainer.totl_steps" in out.stderr
+    assert "ray" not in out.stdout.lower()
