@@ -53,6 +53,7 @@ class TaskConfig:
     ops: str = "+"                    # arith: operators to draw from
     eval_size: int = 200              # held-out prompts (disjoint from training prompts)
     eval_fraction: float = 0.2        # share of the task space held out for evaluation
+    demo_error: float = 0.0           # share of SFT demonstrations with a systematic mistake (an imperfect teacher)
     tool_latency: str = "none"        # simulated env step before grading: none | fixed:S | lognormal:MEDIAN:SIGMA[:CAP]
 
 

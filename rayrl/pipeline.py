@@ -119,38 +119,27 @@ class Trainer:
         self.publish()
 
     def train_rl(self, log: MetricsLogger, progress) -> list[dict]:
+        """The asynchronous loop. With replay.max_staleness=0 the buffer makes it synchronous."""
         cfg, roles = self.cfg, self.roles
-        concurrency = max(1, cfg.trainer.groups_per_step * (cfg.replay.max_staleness + 1) // len(roles.generators))
+        # Enough episodes in flight to fill every step the staleness bound lets generators run ahead.
+        concurrency = -(-cfg.trainer.groups_per_step * (cfg.replay.max_staleness + 1) // len(roles.generators))
         runs = [g.run.remote(roles.buffer, roles.graders, concurrency) for g in roles.generators]
-        history, gen_before, last = [], self.generator_stats(), time.perf_counter()
-        for step in range(cfg.trainer.total_steps):
-            batch = self.next_batch(runs)
-            wait_s = time.perf_counter() - last
-            start = time.perf_counter()
+        history, self._gen_tokens = [], self.generator_stats()["gen_tokens"]
+        for step in range(1, cfg.trainer.total_steps + 1):
+            tick = time.perf_counter()
+            batch = self.next_batch(runs)                  # fresh groups, each handed out once
+            got = time.perf_counter()
             stats = roles.learner.train_step(batch, "rl", cfg.trainer.lr)
-            learn_s = time.perf_counter() - start
+            learned = time.perf_counter()
             self.version += 1
-            self.publish()
-            step_s = time.perf_counter() - last
-            last = time.perf_counter()
-            gen_now = self.generator_stats()
-            rewards = [r for m, _ in batch for r in m["rewards"] if r is not None]
-            staleness = [self.version - 1 - m["min_version"] for m, _ in batch]
-            record = {
-                "reward_mean": float(np.mean(rewards)), "staleness_mean": float(np.mean(staleness)),
-                "staleness_max": max(staleness), "samples": len(rewards),
-                "samples_per_s": len(rewards) / step_s, "learner_step_s": learn_s, "wait_s": wait_s,
-                "learner_tokens_per_s": stats["loss_tokens"] / learn_s,
-                "rollout_tokens_per_s": (gen_now["gen_tokens"] - gen_before["gen_tokens"]) / step_s,
-                **{f"learner/{k}": v for k, v in stats.items()},
-                **{f"buffer/{k}": v for k, v in ray.get(roles.buffer.stats.remote()).items()},
-            }
-            gen_before = gen_now
-            if cfg.trainer.eval.every and (step + 1) % cfg.trainer.eval.every == 0:
+            self.publish()                                 # generators swap it in between episodes
+            timing = {"wait_s": got - tick, "learner_step_s": learned - got, "step_s": time.perf_counter() - tick}
+            record = self.step_record(batch, stats, timing)
+            if cfg.trainer.eval.every and step % cfg.trainer.eval.every == 0:
                 record["eval"] = self.evaluate()
-            history.append(log.log(step + 1, record))
-            if cfg.trainer.ckpt_every and (step + 1) % cfg.trainer.ckpt_every == 0:
-                self.checkpoint(f"step_{step + 1}")
+            history.append(log.log(step, record))
+            if cfg.trainer.ckpt_every and step % cfg.trainer.ckpt_every == 0:
+                self.checkpoint(f"step_{step}")
             progress.update(1)
             progress.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.2f}")
         for g in roles.generators:
@@ -158,6 +147,21 @@ class Trainer:
         ray.get(roles.buffer.close.remote())
         ray.get(runs)
         return history
+
+    def step_record(self, batch: list, stats: dict, timing: dict) -> dict:
+        rewards = [r for m, _ in batch for r in m["rewards"] if r is not None]
+        staleness = [self.version - 1 - m["min_version"] for m, _ in batch]
+        gen = self.generator_stats()
+        gen_tokens, self._gen_tokens = gen["gen_tokens"] - self._gen_tokens, gen["gen_tokens"]
+        return {
+            "reward_mean": float(np.mean(rewards)), "staleness_mean": float(np.mean(staleness)),
+            "staleness_max": max(staleness), "samples": len(rewards), **timing,
+            "samples_per_s": len(rewards) / timing["step_s"],
+            "learner_tokens_per_s": stats["loss_tokens"] / timing["learner_step_s"],
+            "rollout_tokens_per_s": gen_tokens / timing["step_s"],
+            **{f"learner/{k}": v for k, v in stats.items()},
+            **{f"buffer/{k}": v for k, v in ray.get(self.roles.buffer.stats.remote()).items()},
+        }
 
     def generator_stats(self) -> dict:
         stats = ray.get([g.stats.remote() for g in self.roles.generators])
@@ -204,12 +208,25 @@ def run(cfg) -> dict:
         "eval_gain": eval_after - eval_before, "steps": cfg.trainer.total_steps,
         "reward_first": history[0]["reward_mean"] if history else None,
         "reward_last": history[-1]["reward_mean"] if history else None,
-        "samples_per_s": float(np.mean([h["samples_per_s"] for h in history])) if history else 0.0,
-        "staleness_mean": float(np.mean([h["staleness_mean"] for h in history])) if history else 0.0,
+        **throughput(history),
         "wall_s": time.time() - start, "checkpoint": checkpoint, "model": model_path,
     }
     log.summary(summary)
     return summary
+
+
+def throughput(history: list[dict]) -> dict:
+    """Trained samples per second, learner busy fraction and staleness over the RL steps.
+
+    The first step is left out: it includes the generators' start-up.
+    """
+    steady = history[1:] or history
+    if not steady:
+        return {"samples_per_s": 0.0, "learner_busy": 0.0, "staleness_mean": 0.0}
+    wall = sum(h["step_s"] for h in steady)
+    return {"samples_per_s": sum(h["samples"] for h in steady) / wall,
+            "learner_busy": sum(h["learner_step_s"] for h in steady) / wall,
+            "staleness_mean": float(np.mean([h["staleness_mean"] for h in steady]))}
 
 
 def print_summary(summary: dict) -> None:

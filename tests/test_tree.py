@@ -195,17 +195,6 @@ def test_foreign_version_and_corrupt_data_raise():
         decode(len(b"\x93\x01\x02\x03").to_bytes(8, "little") + b"\x93\x01\x02\x03")  # [1, 2, 3]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:  # reuse a session-wide instance if a conftest started one
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 def test_ray_round_trip(ray_session):
     ray = ray_session
     tree = TrajectoryTree(np.arange(1000), meta={"task": "swe"})

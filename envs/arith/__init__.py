@@ -26,14 +26,19 @@ class ArithEnv(Env):
         self.ops = list(cfg.ops)
         self.max_operand = cfg.max_operand
         self.eval_fraction = cfg.eval_fraction
+        self.demo_error = cfg.demo_error
         space = (cfg.max_operand + 1) ** 2 * len(self.ops)
         if space * cfg.eval_fraction < cfg.eval_size:
             raise ValueError(f"task.eval_size={cfg.eval_size} exceeds the held-out share of the "
                              f"{space} arith tasks (task.eval_fraction={cfg.eval_fraction})")
 
+    @staticmethod
+    def _unit_hash(text: str) -> float:
+        digest = hashlib.blake2b(text.encode(), digest_size=4).digest()
+        return int.from_bytes(digest, "little") / 2**32
+
     def _held_out(self, a: int, op: str, b: int) -> bool:
-        digest = hashlib.blake2b(f"{a}{op}{b}".encode(), digest_size=4).digest()
-        return int.from_bytes(digest, "little") / 2**32 < self.eval_fraction
+        return self._unit_hash(f"{a}{op}{b}") < self.eval_fraction
 
     def _task(self, a: int, op: str, b: int) -> Task:
         return Task(id=f"{a}{op}{b}", prompt=f"{a}{op}{b}", answer=str(_OPS[op](a, b)), domain=self.domain)
@@ -57,6 +62,9 @@ class ArithEnv(Env):
         return list(tasks.values())
 
     def demonstration(self, task: Task) -> str:
+        """The teacher's answer: wrong by one on a fixed `task.demo_error` share of the tasks."""
+        if self._unit_hash("demo:" + task.id) < self.demo_error:
+            return str(int(task.answer) + 1)
         return task.answer
 
     def verify(self, task: Task, response: str) -> tuple[float, dict]:
