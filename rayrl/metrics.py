@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 
 
@@ -21,7 +22,9 @@ class MetricsLogger:
     def _gauge(self, name: str):
         from ray.util.metrics import Gauge
         if name not in self._gauges:
-            self._gauges[name] = Gauge(f"rayrl_{name}", description=f"rayrl {name} (last step)")
+            # Prometheus names allow [A-Za-z0-9_:] only ("learner/loss" -> "rayrl_learner_loss").
+            metric = "rayrl_" + re.sub(r"[^A-Za-z0-9_:]", "_", name)
+            self._gauges[name] = Gauge(metric, description=f"rayrl {name} (last step)")
         return self._gauges[name]
 
     def log(self, step: int, values: dict) -> dict:

@@ -15,7 +15,7 @@ def test_overrides_are_typed_and_merged_over_yaml():
     assert cfg.trainer.total_steps == 20 and isinstance(cfg.trainer.total_steps, int)
     assert cfg.trainer.lr == pytest.approx(1e-5)
     assert cfg.run.dir == "/tmp/x"
-    assert cfg.trainer.sft.steps == 100  # from the YAML, not the dataclass default
+    assert cfg.trainer.sft.steps == 600  # from the YAML, not the dataclass default
 
 
 @pytest.mark.parametrize("arg, key", [

@@ -57,11 +57,8 @@ class LearnerGroup:
         return stats
 
     def publish(self) -> ray.ObjectRef:
-        """The current weights in the object store (every rank holds them whole under ZeRO 0-2)."""
-        return ray.get(self.workers[0].publish.remote())[0]
-
-    def logprobs(self, tree_refs: list) -> list:
-        return ray.get(self.workers[0].logprobs.remote(tree_refs))
+        """The current weights in the object store, as one ref."""
+        return ray.get([w.publish.remote() for w in self.workers])[0][0]
 
     def save(self, path: str) -> None:
         ray.get([w.save.remote(path) for w in self.workers])

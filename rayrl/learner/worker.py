@@ -75,7 +75,7 @@ class LearnerWorker:
 
         from rayrl.models import load_model
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0" if torch.cuda.is_available() else "0")
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")  # Ray gives each worker its own GPU
         backend = self.cfg.backend if self.cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         torch.manual_seed(self.seed)
@@ -154,22 +154,27 @@ class LearnerWorker:
         out["loss_tokens"] = n_tokens
         return loss, out
 
-    @torch.no_grad()
-    def logprobs(self, tree_refs: list) -> list[np.ndarray]:
-        """Learner log-probs of every path's tokens (position t: log-prob of token t+1)."""
-        import ray
-        self.engine.eval()
-        paths = [p for t in ray.get(tree_refs) for p in t.paths()]
-        return [self._token_logprobs(pad_paths([p]))[0].cpu().numpy() for p in paths]
-
     # -- weights ----------------------------------------------------------------------------
+    def _full_parameters(self):
+        """Context in which every rank sees whole parameters (ZeRO-3 partitions them)."""
+        import contextlib
+
+        import deepspeed
+        if self.cfg.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
     def publish(self) -> list:
-        """Put this rank's full weights in the object store; returns [ref] (rank 0 only)."""
+        """Rank 0 puts the full weights in the object store and returns [ref]; others return []."""
         import ray
 
         from rayrl.models import state_dict_numpy
-        return [ray.put(state_dict_numpy(self.engine.module))]
+        with self._full_parameters():
+            return [ray.put(state_dict_numpy(self.engine.module))] if self.rank == 0 else []
 
     def save(self, path: str) -> None:
-        if self.rank == 0:
-            self.engine.module.save_pretrained(path)
+        """HF weights (rank 0) plus the DeepSpeed optimizer and engine state (every rank)."""
+        with self._full_parameters():
+            if self.rank == 0:
+                self.engine.module.save_pretrained(path)
+        self.engine.save_checkpoint(os.path.join(path, "deepspeed"))

@@ -130,8 +130,10 @@ class RolloutGenerator:
     async def rollout_group(self, task: Task, group_id: str) -> TrajectoryTree:
         self._ensure_serving()
         prompt = self.prompt_tokens(task)
-        params = replace(self.params, seed=self.rng.getrandbits(31))
-        completions = await asyncio.gather(*(self._sample(task, prompt, params) for _ in range(self.cfg.group_size)))
+        # No per-group seed: requests with equal params share engine calls, which draw from the
+        # engine's own generator (seeded per generator).
+        completions = await asyncio.gather(*(self._sample(task, prompt, self.params)
+                                             for _ in range(self.cfg.group_size)))
         tree = TrajectoryTree(prompt, meta={"group_id": group_id, "task": vars(task)})
         for c in completions:
             n = len(c.tokens)
@@ -171,7 +173,7 @@ class RolloutGenerator:
         self._ensure_serving()
         if self.batcher.pending_weights is not None:
             await self.batcher._apply_weights()
-        params = replace(self.params, temperature=temperature, seed=self.seed)
+        params = replace(self.params, temperature=temperature)
         tasks = [Task(**t) for t in tasks]
         outs = await asyncio.gather(*(self.batcher.generate(self.prompt_tokens(t), params) for t in tasks))
         return [self.env.verify(t, self.tokenizer.decode(o.tokens.tolist(), skip_special_tokens=True))[0]
