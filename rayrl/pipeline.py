@@ -20,6 +20,7 @@ from envs import make_env
 from rayrl.config import expand, to_dict
 from rayrl.learner.group import LearnerGroup
 from rayrl.metrics import MetricsLogger
+from rayrl.models import chat_prompt_ids, load_tokenizer, resolve_model_path
 from rayrl.replay.buffer import ReplayBuffer
 from rayrl.reward.grader import RewardGrader
 from rayrl.rollout.generator import RolloutGenerator
@@ -68,8 +69,7 @@ def sft_batches(env, tokenizer, cfg, rng: random.Random):
         batch = []
         for _ in range(cfg.trainer.sft.batch_size):
             task = env.sample(rng)
-            prompt = tokenizer.apply_chat_template([{"role": "user", "content": task.prompt}],
-                                                   add_generation_prompt=True, tokenize=True, return_dict=False)
+            prompt = chat_prompt_ids(tokenizer, task.prompt)
             answer = tokenizer.encode(env.demonstration(task), add_special_tokens=False) + [tokenizer.eos_token_id]
             tree = TrajectoryTree(prompt)
             tree.add(0, answer, loss_mask=np.ones(len(answer), np.uint8))
@@ -107,7 +107,6 @@ class Trainer:
 
     def warm_start(self, log: MetricsLogger, progress) -> None:
         """SFT on oracle demonstrations; publishes the result as a new version."""
-        from rayrl.models import load_tokenizer
         cfg = self.cfg
         env, tokenizer = make_env(cfg.task, cfg.run.seed), load_tokenizer(self.model_path)
         for step, batch in enumerate(sft_batches(env, tokenizer, cfg, random.Random(cfg.run.seed + 1)), 1):
@@ -170,7 +169,6 @@ class Trainer:
     def checkpoint(self, name: str) -> str:
         path = os.path.join(expand(self.cfg.run.dir), "checkpoints", name)
         self.roles.learner.save(path)
-        from rayrl.models import load_tokenizer
         load_tokenizer(self.model_path).save_pretrained(path)
         with open(os.path.join(path, "trainer_state.json"), "w") as f:
             json.dump({"version": self.version, "config": to_dict(self.cfg)}, f, indent=2)
@@ -181,7 +179,6 @@ def run(cfg) -> dict:
     """SFT warm start, evaluation, asynchronous GRPO, evaluation; returns the summary."""
     from tqdm import tqdm
 
-    from rayrl.models import resolve_model_path
     init_ray(cfg.run)
     run_dir = expand(cfg.run.dir)
     log = MetricsLogger(run_dir)

@@ -3,6 +3,7 @@
 from rayrl.models.hf import (
     SMOLLM2,
     build_tiny_model,
+    chat_prompt_ids,
     ensure_tiny_model,
     load_model,
     load_state_dict_numpy,
@@ -18,6 +19,7 @@ __all__ = [
     "SMOLLM2",
     "build_char_tokenizer",
     "build_tiny_model",
+    "chat_prompt_ids",
     "ensure_tiny_model",
     "load_model",
     "load_state_dict_numpy",

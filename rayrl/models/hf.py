@@ -132,6 +132,13 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def chat_prompt_ids(tokenizer, user_message: str) -> list[int]:
+    """Token ids of a one-message chat with the model's own template, ending where the assistant
+    turn starts. It is applied once per prompt; sampled tokens are never re-tokenized."""
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
+                                              add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
 def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The model's parameters as numpy arrays, for publishing weights through the Ray object store.
 

@@ -15,6 +15,7 @@ from dataclasses import replace
 import numpy as np
 
 from envs import Task, make_env
+from rayrl.models import chat_prompt_ids, load_tokenizer
 from rayrl.rollout.engine import Completion, SamplingParams
 from rayrl.tree import TrajectoryTree
 
@@ -35,7 +36,7 @@ class _Batcher:
         await self.queue.put((prompt, params, future))
         return await future
 
-    async def _apply_weights(self) -> None:
+    async def apply_weights(self) -> None:
         version, ref = self.pending_weights
         self.pending_weights = None
         if version > self.engine.version:
@@ -57,7 +58,7 @@ class _Batcher:
 
     async def _run(self, items: list) -> None:
         if self.pending_weights is not None:
-            await self._apply_weights()
+            await self.apply_weights()
         by_params: dict[SamplingParams, list] = {}
         for item in items:
             by_params.setdefault(item[1], []).append(item)
@@ -74,7 +75,6 @@ class RolloutGenerator:
     def __init__(self, model_path: str, rollout_cfg, task_cfg, seed: int = 0, torch_threads: int = 1):
         import torch
 
-        from rayrl.models import load_tokenizer
         from rayrl.rollout.torch_engine import TorchEngine
         torch.set_num_threads(torch_threads)
         self.cfg = rollout_cfg
@@ -104,10 +104,7 @@ class RolloutGenerator:
             self._serve_task = asyncio.get_running_loop().create_task(self.batcher.serve())
 
     def prompt_tokens(self, task: Task) -> list[int]:
-        """The chat template is applied once; the tokens are never re-tokenized afterwards."""
-        return list(self.tokenizer.apply_chat_template([{"role": "user", "content": task.prompt}],
-                                                       add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
+        return chat_prompt_ids(self.tokenizer, task.prompt)
 
     def set_weights(self, version: int, ref: list) -> None:
         """Queue weights `version` (ref = [ObjectRef]); the engine swaps them in between batches."""
@@ -172,7 +169,7 @@ class RolloutGenerator:
         """Reward of one sample per task (greedy by default) under the current weights."""
         self._ensure_serving()
         if self.batcher.pending_weights is not None:
-            await self.batcher._apply_weights()
+            await self.batcher.apply_weights()
         params = replace(self.params, temperature=temperature)
         tasks = [Task(**t) for t in tasks]
         outs = await asyncio.gather(*(self.batcher.generate(self.prompt_tokens(t), params) for t in tasks))
