@@ -34,7 +34,7 @@ def init_ray(run_cfg) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        ray.init(num_cpus=run_cfg.ray_num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=run_cfg.ray_num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 @dataclass

@@ -11,6 +11,6 @@ def ray_session():
     """One local Ray instance for the whole test session (starting one costs seconds)."""
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

