@@ -42,8 +42,9 @@ class Env(abc.ABC):
         """An oracle response for SFT."""
 
     @abc.abstractmethod
-    def verify(self, task: Task, response: str) -> tuple[float, dict]:
-        """Reward in [0, 1] and its breakdown."""
+    async def verify(self, task: Task, response: str) -> tuple[float, dict]:
+        """Reward in [0, 1] and its breakdown. Raises SandboxInfraError when the infrastructure
+        (not the response) failed, so the sample is not scored as the model's fault."""
 
     async def step(self, task: Task, response: str) -> None:
         """The environment's work after a model turn (a tool call, a test run).

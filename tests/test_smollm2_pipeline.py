@@ -130,7 +130,7 @@ async def test_smollm2_rollout_group_uses_its_chat_template_and_engine_tokens(sm
                  meta={"finish_reason": "stop"})
         grader = RewardGrader(GRPOConfig().task, smollm2_dir, "grpo")
         assert grader.response_text(tree, tree.leaves()[-1]) == task.answer  # <|im_end|> is not text
-        graded, meta = grader.grade(tree)
+        graded, meta = await grader.grade(tree)
         rewards = graded.rewards()
         assert set(rewards) <= {0.0, 1.0} and rewards[-1] == 1.0
         for i in graded.leaves()[:2]:

@@ -67,7 +67,7 @@ class ArithEnv(Env):
             return str(int(task.answer) + 1)
         return task.answer
 
-    def verify(self, task: Task, response: str) -> tuple[float, dict]:
+    async def verify(self, task: Task, response: str) -> tuple[float, dict]:
         text = response.strip()
         match = re.fullmatch(r"-?\d+", text)
         if not match:

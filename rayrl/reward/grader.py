@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from envs import Task, make_env
 from rayrl.algo.advantages import assign_advantages
+from rayrl.sandbox.base import SandboxInfraError
 from rayrl.tree import TrajectoryTree, summarize
 
 
@@ -16,6 +19,7 @@ class RewardGrader:
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.advantage_mode = advantage_mode
         self.graded = 0
+        self.infra_failures = 0
 
     def response_text(self, tree: TrajectoryTree, leaf: int) -> str:
         """Text of the model-sampled tokens on the path to `leaf` (observations excluded)."""
@@ -24,13 +28,20 @@ class RewardGrader:
             if chain else np.zeros(0, np.int32)
         return self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
 
-    def grade(self, tree: TrajectoryTree) -> tuple[TrajectoryTree, dict]:
+    async def _grade_leaf(self, tree: TrajectoryTree, task: Task, leaf: int) -> None:
+        node = tree.nodes[leaf]
+        if node.infra_failure:
+            return
+        try:
+            node.reward, node.reward_info = await self.env.verify(task, self.response_text(tree, leaf))
+        except SandboxInfraError as err:
+            # Not the model's fault: no reward, kept out of the advantages, counted.
+            node.infra_failure, node.reward, node.reward_info = True, None, {"infra_error": str(err)}
+            self.infra_failures += 1
+
+    async def grade(self, tree: TrajectoryTree) -> tuple[TrajectoryTree, dict]:
         task = Task(**tree.meta["task"])
-        for leaf in tree.leaves():
-            node = tree.nodes[leaf]
-            if node.infra_failure:
-                continue
-            node.reward, node.reward_info = self.env.verify(task, self.response_text(tree, leaf))
+        await asyncio.gather(*(self._grade_leaf(tree, task, leaf) for leaf in tree.leaves()))
         assign_advantages(tree, self.advantage_mode)
         self.graded += 1
         return tree, summarize(tree)

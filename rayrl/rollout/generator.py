@@ -173,5 +173,7 @@ class RolloutGenerator:
         params = replace(self.params, temperature=temperature)
         tasks = [Task(**t) for t in tasks]
         outs = await asyncio.gather(*(self.batcher.generate(self.prompt_tokens(t), params) for t in tasks))
-        return [self.env.verify(t, self.tokenizer.decode(o.tokens.tolist(), skip_special_tokens=True))[0]
-                for t, o in zip(tasks, outs)]
+        verdicts = await asyncio.gather(*(self.env.verify(t, self.tokenizer.decode(o.tokens.tolist(),
+                                                                                   skip_special_tokens=True))
+                                          for t, o in zip(tasks, outs)))
+        return [reward for reward, _ in verdicts]
