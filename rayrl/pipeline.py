@@ -175,12 +175,22 @@ class Trainer:
         return path
 
 
+def archive_previous_run(run_dir: str) -> None:
+    """A run directory that already holds a run is moved aside (never overwritten or mixed)."""
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(run_dir)))
+        target = f"{run_dir}.{stamp}"
+        os.rename(run_dir, target)
+        print(f"run.dir {run_dir} held an earlier run: moved it to {target}")
+
+
 def run(cfg) -> dict:
     """SFT warm start, evaluation, asynchronous GRPO, evaluation; returns the summary."""
     from tqdm import tqdm
 
-    init_ray(cfg.run)
     run_dir = expand(cfg.run.dir)
+    archive_previous_run(run_dir)
+    init_ray(cfg.run)
     log = MetricsLogger(run_dir)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(to_dict(cfg), f, indent=2)

@@ -31,3 +31,16 @@ def test_async_grpo_raises_held_out_reward(ray_session, tmp_path):
     assert saved["eval_before"] == summary["eval_before"] and saved["eval_after"] == summary["eval_after"]
     assert (tmp_path / "checkpoints" / "step_15" / "config.json").exists()
     assert (tmp_path / "checkpoints" / "final" / "trainer_state.json").exists()
+
+
+def test_a_run_directory_with_an_earlier_run_is_moved_aside(tmp_path):
+    from rayrl.pipeline import archive_previous_run
+    run_dir = tmp_path / "grpo"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    archive_previous_run(str(run_dir))
+    assert not run_dir.exists()
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("grpo.")]
+    assert len(moved) == 1 and (moved[0] / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    archive_previous_run(str(tmp_path / "fresh"))   # nothing there: nothing happens
+    assert not (tmp_path / "fresh").exists()
