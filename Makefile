@@ -3,13 +3,13 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 # Debian packages the project needs; installed only when missing.
-DEB_PACKAGES ?=
+DEB_PACKAGES ?= bubblewrap docker.io debootstrap gcc libc6-dev
 
 .PHONY: setup demo test bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt Makefile
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing; fi
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -155,6 +155,7 @@ class Trainer:
         return {
             "reward_mean": float(np.mean(rewards)), "staleness_mean": float(np.mean(staleness)),
             "staleness_max": max(staleness), "samples": len(rewards), **timing,
+            "infra_failures": sum(m["infra_failures"] for m, _ in batch),   # samples kept out of the loss
             "samples_per_s": len(rewards) / timing["step_s"],
             "learner_tokens_per_s": stats["loss_tokens"] / timing["learner_step_s"],
             "rollout_tokens_per_s": gen_tokens / timing["step_s"],
@@ -164,7 +165,7 @@ class Trainer:
 
     def generator_stats(self) -> dict:
         stats = ray.get([g.stats.remote() for g in self.roles.generators])
-        return {k: sum(s[k] for s in stats) for k in ("gen_tokens", "gen_busy_s", "env_s")}
+        return {k: sum(s[k] for s in stats) for k in ("gen_tokens", "gen_busy_s", "env_s", "infra_failures")}
 
     def checkpoint(self, name: str) -> str:
         path = os.path.join(expand(self.cfg.run.dir), "checkpoints", name)

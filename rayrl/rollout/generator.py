@@ -17,6 +17,7 @@ import numpy as np
 from envs import Task, make_env
 from rayrl.models import chat_prompt_ids, load_tokenizer
 from rayrl.rollout.engine import Completion, SamplingParams
+from rayrl.sandbox.base import SandboxInfraError
 from rayrl.tree import TrajectoryTree
 
 
@@ -91,6 +92,7 @@ class RolloutGenerator:
         self._running = False
         self.groups = 0
         self.env_s = 0.0
+        self.infra_failures = 0
 
     def stop_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -116,26 +118,36 @@ class RolloutGenerator:
         return self.engine.version
 
     # -- episodes ---------------------------------------------------------------------------
-    async def _sample(self, task: Task, prompt: list[int], params: SamplingParams) -> Completion:
+    async def _sample(self, task: Task, prompt: list[int], params: SamplingParams) -> tuple[Completion, str | None]:
+        """One episode; returns the completion and, if the environment's infrastructure failed
+        under it, why (the episode is then kept out of the advantages, not scored 0)."""
         completion = await self.batcher.generate(prompt, params)
         text = self.tokenizer.decode(completion.tokens.tolist(), skip_special_tokens=True)
         start = time.perf_counter()
-        await self.env.step(task, text)
+        try:
+            await self.env.step(task, text)
+            failure = None
+        except SandboxInfraError as err:
+            failure = str(err)
+            self.infra_failures += 1
         self.env_s += time.perf_counter() - start
-        return completion
+        return completion, failure
 
     async def rollout_group(self, task: Task, group_id: str) -> TrajectoryTree:
         self._ensure_serving()
         prompt = self.prompt_tokens(task)
         # No per-group seed: requests with equal params share engine calls, which draw from the
         # engine's own generator (seeded per generator).
-        completions = await asyncio.gather(*(self._sample(task, prompt, self.params)
-                                             for _ in range(self.cfg.group_size)))
+        episodes = await asyncio.gather(*(self._sample(task, prompt, self.params)
+                                          for _ in range(self.cfg.group_size)))
         tree = TrajectoryTree(prompt, meta={"group_id": group_id, "task": vars(task)})
-        for c in completions:
+        for c, failure in episodes:
             n = len(c.tokens)
-            tree.add(0, c.tokens, c.logprobs, np.ones(n, np.uint8), np.full(n, c.version, np.int32),
-                     meta={"finish_reason": c.finish_reason})
+            leaf = tree.add(0, c.tokens, c.logprobs, np.ones(n, np.uint8), np.full(n, c.version, np.int32),
+                            meta={"finish_reason": c.finish_reason})
+            if failure:
+                tree.nodes[leaf].infra_failure = True
+                tree.nodes[leaf].reward_info = {"infra_error": failure}
         self.groups += 1
         return tree
 
@@ -162,7 +174,7 @@ class RolloutGenerator:
 
     def stats(self) -> dict:
         return {"groups": self.groups, "gen_tokens": self.batcher.tokens, "gen_busy_s": self.batcher.busy_s,
-                "env_s": self.env_s, "version": self.engine.version}
+                "env_s": self.env_s, "infra_failures": self.infra_failures, "version": self.engine.version}
 
     # -- evaluation ---------------------------------------------------------------------------
     async def evaluate(self, tasks: list[dict], temperature: float = 0.0) -> list[float]:
