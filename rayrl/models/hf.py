@@ -132,11 +132,12 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def chat_prompt_ids(tokenizer, user_message: str) -> list[int]:
-    """Token ids of a one-message chat with the model's own template, ending where the assistant
-    turn starts. It is applied once per prompt; sampled tokens are never re-tokenized."""
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
-                                              add_generation_prompt=True, tokenize=True, return_dict=False))
+def chat_prompt_ids(tokenizer, user_message: str, system: str | None = None) -> list[int]:
+    """Token ids of a chat (an optional system message, one user message) with the model's own
+    template, ending where the assistant turn starts. It is applied once per prompt; sampled
+    tokens are never re-tokenized."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
 
 
 def state_dict_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:

@@ -1,0 +1,163 @@
+"""The multi-turn agent loop, driven by a policy that replays scripted turns, in real sandboxes."""
+
+import numpy as np
+import pytest
+
+from rayrl.config import GRPOConfig
+from rayrl.models import chat_prompt_ids, load_tokenizer, resolve_model_path
+from rayrl.rollout.agent import EpisodeLimits, SandboxTools, TurnTemplate, run_episode
+from rayrl.rollout.engine import Completion, SamplingParams
+from rayrl.rollout.scaffolds import Action, JSONScaffold, XMLScaffold, get_scaffold
+from rayrl.sandbox.base import Profile
+from rayrl.sandbox.pool import SandboxPool
+from rayrl.tree import TrajectoryTree
+
+
+class ReplayPolicy:
+    """Stands in for the engine: "samples" scripted turns (as the oracle would act), with
+    distinct per-token log-probs so the test can see they reach the tree unchanged."""
+
+    def __init__(self, tokenizer, turns: list[str], stop_id: int, version: int = 3):
+        self.tokenizer, self.turns, self.stop_id, self.version = tokenizer, list(turns), stop_id, version
+        self.contexts, self.sampled = [], []
+
+    async def __call__(self, ids, params: SamplingParams) -> Completion:
+        self.contexts.append(list(ids))
+        text = self.turns.pop(0)
+        tokens = np.array(self.tokenizer.encode(text, add_special_tokens=False) + [self.stop_id], np.int32)
+        logprobs = -np.linspace(0.1, 1.0, len(tokens)).astype(np.float32) - len(self.sampled)
+        self.sampled.append((tokens, logprobs))
+        return Completion(tokens, logprobs, "stop", self.version)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(resolve_model_path(GRPOConfig().model))
+
+
+@pytest.fixture
+async def tools():
+    pool = SandboxPool([Profile()], min_idle=0, max_total=2, export_metrics=False)
+    lease = await pool.lease()
+    yield SandboxTools(pool, lease)
+    await pool.shutdown()
+
+
+def setup(tokenizer, scaffold, turns):
+    stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    prompt = chat_prompt_ids(tokenizer, "What is 12+30? Use the shell.", system=scaffold.system_prompt())
+    policy = ReplayPolicy(tokenizer, turns, stop)
+    params = SamplingParams(max_new_tokens=64, stop_token_ids=(stop,))
+    return prompt, policy, params, TurnTemplate(tokenizer, stop_ids=(stop,))
+
+
+@pytest.mark.parametrize("scaffold", [XMLScaffold(), JSONScaffold()])
+async def test_oracle_replay_through_the_loop_builds_an_exact_tree(tokenizer, tools, scaffold):
+    turns = [scaffold.render(Action("shell", {"cmd": "echo $((12+30))"})),
+             scaffold.render(Action("answer", {"answer": "42"}))]
+    prompt, policy, params, template = setup(tokenizer, scaffold, turns)
+    episode = await run_episode(policy, tokenizer, scaffold, prompt, tools, params, EpisodeLimits(), template)
+    assert (episode.answer, episode.end_reason, episode.turns) == ("42", "answer", 2)
+
+    tree = TrajectoryTree(prompt)
+    leaf = episode.add_to(tree)
+    (path,) = tree.paths()
+    assert path.leaf == leaf and tree.nodes[leaf].meta["end_reason"] == "answer"
+    (t1, l1), (t2, l2) = policy.sampled
+    obs = tree.nodes[2].tokens
+    # token-in/token-out: the path is exactly prompt + sampled + observation + sampled
+    assert path.tokens.tolist() == prompt + t1.tolist() + obs.tolist() + t2.tolist()
+    # the second turn was generated from exactly that context
+    assert policy.contexts[1] == prompt + t1.tolist() + obs.tolist()
+    assert path.loss_mask.tolist() == [0] * len(prompt) + [1] * len(t1) + [0] * len(obs) + [1] * len(t2)
+    assert np.array_equal(tree.nodes[1].logprobs, l1) and np.array_equal(tree.nodes[3].logprobs, l2)
+    assert set(tree.nodes[1].versions.tolist()) == {3} and set(tree.nodes[2].versions.tolist()) == {-1}
+    # the observation holds the real sandbox output, framed as the chat template frames a turn
+    text = tokenizer.decode(path.tokens.tolist())
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "system", "content": scaffold.system_prompt()},
+         {"role": "user", "content": "What is 12+30? Use the shell."},
+         {"role": "assistant", "content": turns[0]}, {"role": "user", "content": "42\n"},
+         {"role": "assistant", "content": turns[1]}], tokenize=False)
+    assert rendered.startswith(text)
+
+
+async def test_json_editor_writes_files_in_the_sandbox(tokenizer, tools):
+    scaffold = JSONScaffold()
+    turns = [scaffold.render(Action("write", {"path": "sol.py", "content": "print(6*7)\n"})),
+             scaffold.render(Action("shell", {"cmd": "python3 sol.py"})),
+             scaffold.render(Action("answer", {"answer": "done"}))]
+    prompt, policy, params, template = setup(tokenizer, scaffold, turns)
+    episode = await run_episode(policy, tokenizer, scaffold, prompt, tools, params, EpisodeLimits(), template)
+    assert episode.end_reason == "answer"
+    assert "42" in tokenizer.decode(episode.segments[3].tokens.tolist())
+    assert await tools.pool.read_file(tools.lease, "sol.py") == b"print(6*7)\n"
+
+
+@pytest.mark.parametrize("scaffold, bad, reason", [
+    (XMLScaffold(), "I think the answer is 42", "no <bash> or <answer> tag"),
+    (XMLScaffold(), "", "empty turn"),
+    (JSONScaffold(), '{"tool": "shell", "args": {"cmd": ', "no JSON tool call"),
+    (JSONScaffold(), '{"tool": "rm_rf", "args": {}}', "unknown tool"),
+    (JSONScaffold(), '{"tool": "shell", "args": {"cmd": 3}}', "needs string args"),
+])
+async def test_bad_model_output_ends_the_episode_with_a_reason(tokenizer, tools, scaffold, bad, reason):
+    prompt, policy, params, template = setup(tokenizer, scaffold, [bad])
+    episode = await run_episode(policy, tokenizer, scaffold, prompt, tools, params, EpisodeLimits(), template)
+    assert episode.answer is None and episode.end_reason.startswith("invalid") and reason in episode.end_reason
+
+
+async def test_turn_and_token_limits_end_episodes(tokenizer, tools):
+    scaffold = XMLScaffold()
+    prompt, policy, params, template = setup(tokenizer, scaffold, ["<bash>echo hi</bash>"] * 5)
+    episode = await run_episode(policy, tokenizer, scaffold, prompt, tools, params, EpisodeLimits(max_turns=3), template)
+    assert (episode.end_reason, episode.turns) == ("max_turns", 3)
+    prompt, policy, params, template = setup(tokenizer, scaffold, ["<bash>echo hi</bash>"] * 5)
+    episode = await run_episode(policy, tokenizer, scaffold, prompt, tools, params,
+                                EpisodeLimits(max_tokens=40), template)
+    assert episode.end_reason == "max_tokens" and episode.turns < 5
+
+
+def test_scaffolds_are_selectable_by_name():
+    assert get_scaffold("xml").name == "xml" and get_scaffold("json").name == "json"
+    with pytest.raises(ValueError, match="xml, json"):
+        get_scaffold("yaml")
+
+
+async def test_smollm2_episode_keeps_exactly_what_the_engine_sampled(tools):
+    """The real SmolLM2-135M-Instruct with its own chat template, whatever it answers."""
+    from rayrl.models import SMOLLM2
+    from rayrl.rollout.torch_engine import TorchEngine
+    cfg = GRPOConfig()
+    cfg.model.path = SMOLLM2
+    path = resolve_model_path(cfg.model)
+    tok = load_tokenizer(path)
+    engine = TorchEngine(path, seed=0)
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    produced = []
+
+    async def generate(ids, params):
+        (out,) = engine.generate([ids], params)
+        produced.append(out)
+        return out
+
+    scaffold = XMLScaffold()
+    prompt = chat_prompt_ids(tok, "List the files in the current directory.", system=scaffold.system_prompt())
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, stop_token_ids=(stop,), seed=0)
+    episode = await run_episode(generate, tok, scaffold, prompt, tools, params,
+                                EpisodeLimits(max_turns=3), TurnTemplate(tok, stop_ids=(stop,)))
+    tree = TrajectoryTree(prompt)
+    episode.add_to(tree)
+    sampled = [n for n in tree.nodes[1:] if n.loss_mask.any()]
+    assert len(sampled) == len(produced) == episode.turns >= 1
+    for node, out in zip(sampled, produced):
+        assert np.array_equal(node.tokens, out.tokens) and np.array_equal(node.logprobs, out.logprobs)
+        assert node.loss_mask.all() and set(node.versions.tolist()) == {out.version}
+    for node in tree.nodes[1:]:
+        if not node.loss_mask.any():
+            assert node.meta["role"] == "observation" and (node.logprobs == 0).all()
+    # the engine scores the whole path the same way: log-probs recorded are the model's own
+    (p,) = tree.paths()
+    scored = engine.score([prompt], [p.tokens[len(prompt):].tolist()])[0]
+    mask = p.loss_mask[len(prompt):].astype(bool)
+    assert np.allclose(scored[mask], p.logprobs[len(prompt):][mask], atol=1e-4)
