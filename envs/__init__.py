@@ -5,11 +5,16 @@ from __future__ import annotations
 from envs.base import Env, Task
 
 
-def make_env(task_cfg, seed: int = 0) -> Env:
+def make_env(task_cfg, seed: int = 0, pool=None) -> Env:
+    """`pool`: the sandboxes (a SandboxPool, its Ray actor handle or a SandboxRouter) for the
+    environments that run code; those given none start a local pool of their own."""
     if task_cfg.name == "arith":
         from envs.arith import ArithEnv
         return ArithEnv(task_cfg, seed)
-    raise ValueError(f"task.name={task_cfg.name!r}: no such environment (known: arith)")
+    if task_cfg.name == "code":
+        from envs.code import CodeEnv
+        return CodeEnv(task_cfg, seed, pool=pool)
+    raise ValueError(f"task.name={task_cfg.name!r}: no such environment (known: arith, code)")
 
 
 __all__ = ["Env", "Task", "make_env"]

@@ -55,6 +55,11 @@ class TaskConfig:
     eval_fraction: float = 0.2        # share of the task space held out for evaluation
     demo_error: float = 0.0           # share of SFT demonstrations with a systematic mistake (an imperfect teacher)
     tool_latency: str = "none"        # simulated env step before grading: none | fixed:S | lognormal:MEDIAN:SIGMA[:CAP]
+    code_source: str = "generated"    # code: generated | samples | a JSONL path
+    code_difficulty: int = 1          # code: operations per generated function
+    code_show_formula: bool = True    # code: the docstring states the formula (easy mode for tiny models)
+    code_timeout_s: float = 5.0       # code: per-test time limit in the sandbox
+    code_sandbox_profile: str = "default"
 
 
 @dataclass
@@ -143,6 +148,7 @@ class GRPOConfig:
 
 
 _CHOICES = {
+    "task.name": ("arith", "code"),
     "model.tiny.family": ("llama", "qwen2"),
     "rollout.engine": ("torch",),
     "learner.backend": ("auto", "gloo", "nccl"),

@@ -1,0 +1,193 @@
+"""The Code domain: task loader, generator, sandboxed verifier (real bubblewrap sandboxes), CodeEnv
+and the grading CLI."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from envs.code import (CodeConfig, CodeEnv, CodeTask, TaskFormatError, code_profile, generate, grade_completion,
+                       load_samples, load_tasks, parse_task)
+from envs.code.generator import held_out
+from rayrl.sandbox.pool import SandboxPool
+
+FN = CodeTask("t/add", "function", 'def add(a, b):\n    """a + b"""\n', entry_point="add",
+              test="def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n")
+IO = CodeTask("t/sum", "stdio", "Print the sum of the integers on the line.",
+              tests=[{"input": "1 2\n", "output": "3\n"}, {"input": "4 5 6", "output": "15"}])
+
+
+@pytest.fixture
+async def pool():
+    p = SandboxPool([code_profile("default")], min_idle=2, max_total=4, export_metrics=False)
+    yield p
+    await p.shutdown()
+
+
+async def test_every_sample_oracle_scores_one(pool):
+    import asyncio
+    tasks = load_samples()
+    assert sum(t.kind == "function" for t in tasks) >= 10 and sum(t.kind == "stdio" for t in tasks) >= 5
+    results = await asyncio.gather(*(grade_completion(pool, t, t.canonical_solution) for t in tasks))
+    for t, (reward, info) in zip(tasks, results):
+        assert reward == 1.0, (t.task_id, info)
+        assert info["passed"] == info["total"] and info["failure"] is None
+
+
+@pytest.mark.parametrize("task,completion,kind", [
+    (FN, "    return a - b\n", "wrong_answer"),
+    (FN, "    return (a +\n", "syntax_error"),
+    (FN, "    while True:\n        pass\n", "timeout"),
+    (FN, "    raise ValueError('boom')\n", "runtime_error"),
+    (FN, "    return int(input())\n", "runtime_error"),          # stdin is empty: EOFError
+    (FN, "    pass\nimport sys\nsys.exit(0)\n", "runtime_error"),  # exits before the tests: never a pass
+    (FN, "    pass\nimport os\nos._exit(0)\n", "runtime_error"),
+    (IO, "print(3)\n", "wrong_answer"),
+    (IO, "print(sum(map(int, input().split()))\n", "syntax_error"),
+    (IO, "import sys\nwhile True:\n    sys.stdin.readline()\n", "timeout"),   # reads stdin forever
+    (IO, "print(1 // 0)\n", "runtime_error"),
+    (IO, "import sys\nsys.exit(3)\n", "runtime_error"),
+])
+async def test_wrong_solutions_score_zero_with_their_failure_kind(pool, task, completion, kind):
+    reward, info = await grade_completion(pool, task, completion, timeout_s=0.5)
+    assert reward == 0.0 and info["failure"] == kind, info
+    if kind in ("runtime_error", "syntax_error", "wrong_answer") and task is FN and "exit" not in completion:
+        assert info["stderr"]   # a traceback tail
+
+
+async def test_stdio_output_is_whitespace_normalized_and_counts_passed_tests(pool):
+    reward, info = await grade_completion(pool, IO, "print('  ' + str(sum(map(int, input().split()))) + '  \\n\\n')")
+    assert reward == 1.0 and info["passed"] == 2
+    reward, info = await grade_completion(pool, IO, "x = input()\nprint(3 if x.startswith('1') else 0)")
+    assert reward == 0.0 and (info["passed"], info["total"], info["failed_test"]) == (1, 2, 1)
+
+
+def test_generator_is_deterministic_and_held_out_is_disjoint():
+    a, b = generate(30, seed=7, difficulty=3), generate(30, seed=7, difficulty=3)
+    assert [t.to_row() for t in a] == [t.to_row() for t in b]
+    assert [t.task_id for t in generate(30, seed=8, difficulty=3)] != [t.task_id for t in a]
+    assert len({t.task_id for t in a}) == 30
+    for d in (2, 4, 6):
+        train = {t.canonical_solution for t in generate(40, seed=1, difficulty=d)}
+        held = {t.canonical_solution for t in generate(20, seed=1, difficulty=d, split="eval")}
+        assert not train & held
+        for t in generate(5, seed=2, difficulty=d, split="eval"):
+            assert held_out(t.canonical_solution.strip()[len("return "):], t.prompt.splitlines()[0].count(",") + 1, 0.2)
+    # harder = more arguments and longer expressions
+    easy, hard = generate(20, 0, 1), generate(20, 0, 6)
+    mean_len = lambda ts: sum(len(t.canonical_solution) for t in ts) / len(ts)
+    assert mean_len(hard) > 2 * mean_len(easy) and "def f(a, b, c, d)" in hard[0].prompt
+
+
+async def test_generated_oracles_pass_and_a_wrong_body_fails(pool):
+    import asyncio
+    tasks = [t for d in (1, 3, 5) for t in generate(3, seed=3, difficulty=d)]
+    results = await asyncio.gather(*(grade_completion(pool, t, t.canonical_solution) for t in tasks))
+    assert all(r == 1.0 for r, _ in results), results
+    reward, info = await grade_completion(pool, tasks[0], "    return 12345\n")
+    assert reward == 0.0 and info["failure"] == "wrong_answer"
+
+
+@pytest.mark.parametrize("row,field", [
+    ({"prompt": "p", "entry_point": "f", "test": "def check(c): pass"}, "task_id"),
+    ({"task_id": "x", "entry_point": "f", "test": "def check(c): pass"}, "prompt"),
+    ({"task_id": "x", "prompt": "p", "test": "def check(c): pass"}, "entry_point"),
+    ({"task_id": "x", "prompt": "p", "entry_point": "f"}, "test"),
+    ({"task_id": "x", "prompt": "p", "entry_point": "f", "test": 3}, "test"),
+    ({"task_id": "x", "prompt": 1, "entry_point": "f", "test": "def check(c): pass"}, "prompt"),
+    ({"task_id": "x", "prompt": "p", "tests": [{"input": "1"}]}, "output"),
+    ({"task_id": "x", "prompt": "p", "tests": "1 2"}, "tests"),
+    ({"task_id": "x", "prompt": "p", "tests": [{"input": "", "output": ""}], "canonical_solution": 5},
+     "canonical_solution"),
+])
+def test_loader_errors_name_file_line_and_field(tmp_path, row, field):
+    path = tmp_path / "tasks.jsonl"
+    good = {"task_id": "ok", "prompt": "def f():\n", "entry_point": "f", "test": "def check(c): pass"}
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(row) + "\n")
+    with pytest.raises(TaskFormatError) as err:
+        load_tasks(path)
+    assert f"{path}:3" in str(err.value) and repr(field) in str(err.value)
+
+
+def test_loader_rejects_bad_json_and_duplicates(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"task_id": "a", "prompt": "p", "tests": [{"input": "", "output": ""}]}\n{not json\n')
+    with pytest.raises(TaskFormatError, match=r"t\.jsonl:2: not valid JSON"):
+        load_tasks(path)
+    row = '{"task_id": "a", "prompt": "p", "tests": [{"input": "", "output": ""}]}\n'
+    path.write_text(row * 2)
+    with pytest.raises(TaskFormatError, match="duplicate task_id 'a'"):
+        load_tasks(path)
+    assert parse_task(json.loads(row)).kind == "stdio"
+
+
+async def test_code_env_samples_demonstrations_and_fenced_answers(pool):
+    env = CodeEnv(CodeConfig(difficulty=2, eval_size=10), pool=pool)
+    rng = random.Random(0)
+    train = [env.sample(rng) for _ in range(30)]
+    held = env.eval_tasks(10)
+    assert len(held) == 10 and not {t.answer for t in train} & {t.answer for t in held}
+    assert [t.id for t in env.eval_tasks(10)] == [t.id for t in held]   # a fixed held-out set
+    task = held[0]
+    reward, info = await env.verify(task, env.demonstration(task))
+    assert reward == 1.0 and info["correct"] == 1.0
+    assert (await env.verify(task, "    return None\n"))[0] == 0.0
+    # a chat-style answer: the whole function in a fenced block
+    fenced = f"Here you go:\n```python\ndef f{task.prompt[5:task.prompt.index(')') + 1]}:\n{task.answer}```\n"
+    assert (await env.verify(task, fenced))[0] == 1.0
+    # the shipped samples, and a Task that round-trips through vars() (as the grader does)
+    samples = CodeEnv(CodeConfig(source="samples"), pool=pool)
+    stdio = next(t for t in samples._train + samples._eval if t.kind == "stdio")
+    task = samples._task(stdio)
+    from envs.base import Task
+    assert (await samples.verify(Task(**vars(task)), samples.demonstration(task)))[0] == 1.0
+
+
+async def test_code_env_without_a_pool_starts_its_own():
+    env = CodeEnv(CodeConfig(difficulty=1))
+    try:
+        task = env.sample(random.Random(1))
+        assert (await env.verify(task, env.demonstration(task)))[0] == 1.0
+    finally:
+        await env.aclose()
+
+
+async def test_verifier_through_a_ray_actor_handle(ray_session):
+    ray = ray_session
+    actor = ray.remote(SandboxPool).options(num_cpus=0, max_concurrency=100).remote(
+        [code_profile("default")], min_idle=0, max_total=2, export_metrics=False)
+    try:
+        env = CodeEnv(CodeConfig(source="samples"), pool=actor)
+        t = env._task(load_samples()[0])
+        assert (await env.verify(t, t.answer))[0] == 1.0
+        assert (await env.verify(t, "    return s\n"))[1]["failure"] == "wrong_answer"
+    finally:
+        await actor.shutdown.remote()
+        ray.kill(actor)
+
+
+def test_cli_grades_the_sample_set(tmp_path):
+    tasks = load_samples()
+    solutions = tmp_path / "solutions.jsonl"
+    rows = [{"task_id": t.task_id, "completion": t.canonical_solution} for t in tasks]
+    rows += [{"task_id": "code/gcd", "completion": "    return a\n"},      # wrong answer
+             {"task_id": "no/such/task", "completion": ""},                # unknown task
+             {"task_id": "code/fib"}]                                      # missing field
+    solutions.write_text("".join(json.dumps(r) + "\n" for r in rows) + "[1, 2]\n")
+    out = subprocess.run([sys.executable, "-m", "envs.code.grade", "--tasks", "envs/code/samples.jsonl",
+                          "--solutions", str(solutions), "--timeout", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == {"passed": len(tasks), "total": len(tasks) + 4}
+    assert any("FAIL  code/gcd" in l and "wrong_answer" in l for l in lines)
+    assert any("unknown task_id 'no/such/task'" in l for l in lines)
+    assert any("field 'completion' is missing" in l for l in lines)
+    # a malformed tasks file: a clear error naming the line and field, exit status 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task_id": "x", "prompt": "p", "test": "def check(c): pass"}\n')
+    out = subprocess.run([sys.executable, "-m", "envs.code.grade", "--tasks", str(bad), "--solutions",
+                          str(solutions)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "bad.jsonl:1" in out.stderr and "'entry_point'" in out.stderr
