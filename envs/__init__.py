@@ -14,7 +14,10 @@ def make_env(task_cfg, seed: int = 0, pool=None) -> Env:
     if task_cfg.name == "code":
         from envs.code import CodeEnv
         return CodeEnv(task_cfg, seed, pool=pool)
-    raise ValueError(f"task.name={task_cfg.name!r}: no such environment (known: arith, code)")
+    if task_cfg.name == "terminal":
+        from envs.terminal import TerminalEnv
+        return TerminalEnv(task_cfg, seed, pool=pool)
+    raise ValueError(f"task.name={task_cfg.name!r}: no such environment (known: arith, code, terminal)")
 
 
 __all__ = ["Env", "Task", "make_env"]

@@ -60,6 +60,7 @@ class TaskConfig:
     code_show_formula: bool = True    # code: the docstring states the formula (easy mode for tiny models)
     code_timeout_s: float = 5.0       # code: per-test time limit in the sandbox
     code_sandbox_profile: str = "default"
+    terminal_difficulty: int = 1      # terminal: steps chained into one task
 
 
 @dataclass
@@ -148,7 +149,7 @@ class GRPOConfig:
 
 
 _CHOICES = {
-    "task.name": ("arith", "code"),
+    "task.name": ("arith", "code", "terminal"),
     "model.tiny.family": ("llama", "qwen2"),
     "rollout.engine": ("torch",),
     "learner.backend": ("auto", "gloo", "nccl"),

@@ -6,28 +6,13 @@ import pytest
 from rayrl.config import GRPOConfig
 from rayrl.models import chat_prompt_ids, load_tokenizer, resolve_model_path
 from rayrl.rollout.agent import EpisodeLimits, SandboxTools, TurnTemplate, run_episode
-from rayrl.rollout.engine import Completion, SamplingParams
+from rayrl.rollout.engine import SamplingParams
 from rayrl.rollout.scaffolds import Action, JSONScaffold, XMLScaffold, get_scaffold
 from rayrl.sandbox.base import Profile
+from rayrl.sandbox.client import PoolClient
 from rayrl.sandbox.pool import SandboxPool
 from rayrl.tree import TrajectoryTree
-
-
-class ReplayPolicy:
-    """Stands in for the engine: "samples" scripted turns (as the oracle would act), with
-    distinct per-token log-probs so the test can see they reach the tree unchanged."""
-
-    def __init__(self, tokenizer, turns: list[str], stop_id: int, version: int = 3):
-        self.tokenizer, self.turns, self.stop_id, self.version = tokenizer, list(turns), stop_id, version
-        self.contexts, self.sampled = [], []
-
-    async def __call__(self, ids, params: SamplingParams) -> Completion:
-        self.contexts.append(list(ids))
-        text = self.turns.pop(0)
-        tokens = np.array(self.tokenizer.encode(text, add_special_tokens=False) + [self.stop_id], np.int32)
-        logprobs = -np.linspace(0.1, 1.0, len(tokens)).astype(np.float32) - len(self.sampled)
-        self.sampled.append((tokens, logprobs))
-        return Completion(tokens, logprobs, "stop", self.version)
+from tests.replay_policy import ReplayPolicy
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +23,8 @@ def tokenizer():
 @pytest.fixture
 async def tools():
     pool = SandboxPool([Profile()], min_idle=0, max_total=2, export_metrics=False)
-    lease = await pool.lease()
-    yield SandboxTools(pool, lease)
+    async with PoolClient(pool).session("default") as session:
+        yield SandboxTools(session)
     await pool.shutdown()
 
 
@@ -91,7 +76,7 @@ async def test_json_editor_writes_files_in_the_sandbox(tokenizer, tools):
     episode = await run_episode(policy, tokenizer, scaffold, prompt, tools, params, EpisodeLimits(), template)
     assert episode.end_reason == "answer"
     assert "42" in tokenizer.decode(episode.segments[3].tokens.tolist())
-    assert await tools.pool.read_file(tools.lease, "sol.py") == b"print(6*7)\n"
+    assert await tools.session.read_file("sol.py") == b"print(6*7)\n"
 
 
 @pytest.mark.parametrize("scaffold, bad, reason", [

@@ -17,10 +17,10 @@ failure means.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 
 from rayrl.sandbox.base import ExecResult, Limits, Outcome, Profile, SandboxInfraError
+from rayrl.sandbox.client import PoolClient  # noqa: F401  (re-exported for envs.code)
 
 from envs.code.tasks import CodeTask
 
@@ -68,60 +68,6 @@ def code_profile(name: str = "code", timeout_s: float = DEFAULT_TIMEOUT_S) -> Pr
 
 
 # ----------------------------------------------------------------------------- pool adapter
-
-
-class PoolClient:
-    """One calling convention over a local `SandboxPool`, a Ray actor handle to one, or a
-    `SandboxRouter` (whose `lease` returns the chosen pool actor with the lease id)."""
-
-    def __init__(self, pool):
-        self.pool = pool
-        self.router = hasattr(pool, "pools") and not hasattr(pool, "exec")
-        self.remote = self.router or hasattr(getattr(pool, "lease", None), "remote")
-
-    @staticmethod
-    async def _invoke(target, method: str, remote: bool, *args, **kwargs):
-        fn = getattr(target, method)
-        if not remote:
-            return await fn(*args, **kwargs)
-        import ray
-        try:
-            return await fn.remote(*args, **kwargs)
-        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
-            raise SandboxInfraError(f"sandbox pool actor unavailable: {e}") from e
-
-    @contextlib.asynccontextmanager
-    async def session(self, profile: str, ttl_s: float = 600.0):
-        """A leased sandbox for the block; released (reset for reuse) afterwards."""
-        if self.router:
-            try:
-                target, lease = await self.pool.lease(profile, ttl_s)
-            except Exception as e:
-                import ray
-                if isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)):
-                    raise SandboxInfraError(f"sandbox pool actor unavailable: {e}") from e
-                raise
-        else:
-            target = self.pool
-            lease = await self._invoke(target, "lease", self.remote, profile, ttl_s)
-        session = _Session(self, target, lease)
-        try:
-            yield session
-        finally:
-            with contextlib.suppress(Exception):
-                await self._invoke(target, "release", self.remote, lease)
-
-
-class _Session:
-    def __init__(self, client: PoolClient, target, lease: str):
-        self.client, self.target, self.lease = client, target, lease
-
-    async def exec(self, cmd, stdin: bytes = b"", timeout: float = 10.0) -> ExecResult:
-        return await self.client._invoke(self.target, "exec", self.client.remote, self.lease, cmd,
-                                         stdin=stdin, timeout=timeout)
-
-    async def write_file(self, path: str, data: bytes) -> None:
-        await self.client._invoke(self.target, "write_file", self.client.remote, self.lease, path, data)
 
 
 # ------------------------------------------------------------------------------- grading

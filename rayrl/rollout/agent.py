@@ -85,20 +85,14 @@ class TurnTemplate:
 
 
 class SandboxTools:
-    """Runs shell and write actions in one leased sandbox. `pool` is a local SandboxPool or a
-    Ray actor handle of one (whose methods are called with `.remote`)."""
+    """Runs shell and write actions in the episode's sandbox (a rayrl.sandbox.client.Session)."""
 
-    def __init__(self, pool, lease: str, timeout_s: float = 10.0):
-        self.pool, self.lease, self.timeout_s = pool, lease, timeout_s
-        self._remote = hasattr(pool.exec, "remote")
-
-    async def _call(self, name: str, *args, **kwargs):
-        method = getattr(self.pool, name)
-        return await (method.remote(*args, **kwargs) if self._remote else method(*args, **kwargs))
+    def __init__(self, session, timeout_s: float = 10.0):
+        self.session, self.timeout_s = session, timeout_s
 
     async def run(self, action: Action) -> str:
         if action.kind == "shell":
-            r = await self._call("exec", self.lease, action.args["cmd"], timeout=self.timeout_s)
+            r = await self.session.exec(action.args["cmd"], timeout=self.timeout_s)
             text = (r.stdout + r.stderr).decode(errors="replace")
             if r.outcome.value != "normal":
                 text += f"\n[{r.outcome.value}]"
@@ -106,7 +100,7 @@ class SandboxTools:
                 text += f"\n[exit code {r.exit_code}]"
             return text
         if action.kind == "write":
-            await self._call("write_file", self.lease, action.args["path"], action.args["content"].encode())
+            await self.session.write_file(action.args["path"], action.args["content"].encode())
             return f"wrote {action.args['path']}"
         raise ValueError(f"no tool runs action {action.kind!r}")
 
