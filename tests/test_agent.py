@@ -7,7 +7,7 @@ from rayrl.config import GRPOConfig
 from rayrl.models import chat_prompt_ids, load_tokenizer, resolve_model_path
 from rayrl.rollout.agent import EpisodeLimits, SandboxTools, TurnTemplate, run_episode
 from rayrl.rollout.engine import SamplingParams
-from rayrl.rollout.scaffolds import Action, JSONScaffold, XMLScaffold, get_scaffold
+from rayrl.rollout.scaffolds import Action, JSONScaffold, Tool, XMLScaffold, get_scaffold
 from rayrl.sandbox.base import Profile
 from rayrl.sandbox.client import PoolClient
 from rayrl.sandbox.pool import SandboxPool
@@ -80,7 +80,7 @@ async def test_json_editor_writes_files_in_the_sandbox(tokenizer, tools):
 
 
 @pytest.mark.parametrize("scaffold, bad, reason", [
-    (XMLScaffold(), "I think the answer is 42", "no <bash> or <answer> tag"),
+    (XMLScaffold(), "I think the answer is 42", "no tool or <answer> tag"),
     (XMLScaffold(), "", "empty turn"),
     (JSONScaffold(), '{"tool": "shell", "args": {"cmd": ', "no JSON tool call"),
     (JSONScaffold(), '{"tool": "rm_rf", "args": {}}', "unknown tool"),
@@ -103,10 +103,18 @@ async def test_turn_and_token_limits_end_episodes(tokenizer, tools):
     assert episode.end_reason == "max_tokens" and episode.turns < 5
 
 
-def test_scaffolds_are_selectable_by_name():
+def test_scaffolds_are_selectable_by_name_and_take_the_environment_tools():
     assert get_scaffold("xml").name == "xml" and get_scaffold("json").name == "json"
     with pytest.raises(ValueError, match="xml, json"):
         get_scaffold("yaml")
+    search = Tool("search", ("query",), "search the corpus")
+    for name in ("xml", "json"):
+        scaffold = get_scaffold(name, (search,))
+        assert "search the corpus" in scaffold.system_prompt()
+        action = Action("search", {"query": "ray actors"})
+        assert scaffold.parse(scaffold.render(action)) == action
+        assert scaffold.parse(scaffold.render(Action("answer", {"answer": "x"}))) == Action("answer", {"answer": "x"})
+        assert scaffold.parse(get_scaffold(name).render(Action("shell", {"cmd": "ls"}))).kind == "invalid"
 
 
 async def test_smollm2_episode_keeps_exactly_what_the_engine_sampled(tools):

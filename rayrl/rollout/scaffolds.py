@@ -1,11 +1,14 @@
 """Scaffolds: how a model's turn is read as a tool call, and how tools are described to it.
 
-Two tool-call formats, selectable per task, so the same task trains under both:
+An environment names its tools (`Tool`: a name, its string arguments, a one-line description);
+the final answer is always the `answer` action. Two tool-call formats, selectable per task, so the
+same task trains under both:
 
-- `xml`: shell commands in `<bash>...</bash>`, the final answer in `<answer>...</answer>`.
-- `json`: one JSON object per turn, `{"tool": "shell", "args": {"cmd": ...}}`,
-  `{"tool": "write", "args": {"path": ..., "content": ...}}` (a file editor that writes whole
-  files) or `{"tool": "submit", "args": {"answer": ...}}`, optionally inside a ```json fence.
+- `xml`: `<bash>command</bash>` style tags, one per tool of one argument (the sandbox shell is
+  `<bash>`), and `<answer>...</answer>`; tools of several arguments are JSON inside the tag,
+  e.g. `<write>{"path": "a.py", "content": "..."}</write>`.
+- `json`: one JSON object per turn, `{"tool": NAME, "args": {...}}`, optionally in a ```json
+  fence; the answer is the `submit` tool.
 
 Parsing never raises: output that is neither a tool call nor an answer is an `invalid` action
 with the reason, which ends the episode with reward 0.
@@ -18,15 +21,36 @@ import re
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    args: tuple[str, ...]
+    description: str
+
+
+SHELL = Tool("shell", ("cmd",), "run a shell command in your sandbox and see its output")
+WRITE = Tool("write", ("path", "content"), "write a whole file in your sandbox")
+SANDBOX_TOOLS = (SHELL, WRITE)
+
+
 @dataclass
 class Action:
-    kind: str                        # "shell" | "write" | "answer" | "invalid"
+    kind: str                        # a tool name | "answer" | "invalid"
     args: dict = field(default_factory=dict)
     reason: str = ""                 # why an action is invalid
 
 
+def _check_args(tool: Tool, args) -> Action:
+    if not isinstance(args, dict) or any(not isinstance(args.get(k), str) for k in tool.args):
+        return Action("invalid", reason=f"tool {tool.name} needs string args {', '.join(tool.args)}")
+    return Action(tool.name, {k: args[k] for k in tool.args})
+
+
 class Scaffold:
     name = ""
+
+    def __init__(self, tools: tuple[Tool, ...] = SANDBOX_TOOLS):
+        self.tools = {t.name: t for t in tools}
 
     def system_prompt(self) -> str:
         raise NotImplementedError
@@ -41,42 +65,55 @@ class Scaffold:
 
 class XMLScaffold(Scaffold):
     name = "xml"
-    _TAG = re.compile(r"<(bash|answer)>(.*?)</\1>", re.S)
+    _ALIASES = {"shell": "bash"}      # the tag of a tool, where it differs from its name
+
+    def _tag(self, tool: str) -> str:
+        return self._ALIASES.get(tool, tool)
 
     def system_prompt(self) -> str:
-        return ("Run a shell command with <bash>command</bash>; you will see its output. "
-                "Give the final answer with <answer>answer</answer>.")
+        lines = [f"<{self._tag(t.name)}>{t.args[0] if len(t.args) == 1 else 'JSON with ' + ', '.join(t.args)}"
+                 f"</{self._tag(t.name)}>: {t.description}" for t in self.tools.values()]
+        return "Use one tool per turn:\n" + "\n".join(lines) + "\nGive the final answer with <answer>answer</answer>."
 
     def parse(self, text: str) -> Action:
-        match = self._TAG.search(text)
+        tags = {self._tag(n): n for n in self.tools} | {"answer": "answer"}
+        match = re.search(r"<(" + "|".join(map(re.escape, tags)) + r")>(.*?)</\1>", text, re.S)
         if match is None:
             if not text.strip():
                 return Action("invalid", reason="empty turn")
-            return Action("invalid", reason="no <bash> or <answer> tag")
-        tag, body = match.groups()
-        if tag == "bash":
-            return Action("shell", {"cmd": body.strip()}) if body.strip() else \
-                Action("invalid", reason="empty <bash> command")
-        return Action("answer", {"answer": body.strip()})
+            return Action("invalid", reason="no tool or <answer> tag")
+        name, body = tags[match.group(1)], match.group(2)
+        if name == "answer":
+            return Action("answer", {"answer": body.strip()})
+        tool = self.tools[name]
+        if len(tool.args) == 1:
+            return Action(name, {tool.args[0]: body.strip()}) if body.strip() else \
+                Action("invalid", reason=f"empty <{match.group(1)}>")
+        try:
+            return _check_args(tool, json.loads(body))
+        except json.JSONDecodeError as err:
+            return Action("invalid", reason=f"unparsable <{match.group(1)}> arguments: {err.msg}")
 
     def render(self, action: Action) -> str:
-        if action.kind == "shell":
-            return f"<bash>{action.args['cmd']}</bash>"
-        if action.kind == "write":   # the XML scaffold has no editor: write through the shell
-            body = action.args["content"].replace("'", "'\"'\"'")
-            return f"<bash>printf '%s' '{body}' > {action.args['path']}</bash>"
-        return f"<answer>{action.args['answer']}</answer>"
+        tag = self._tag(action.kind)
+        if action.kind == "answer":
+            body = action.args["answer"]
+        elif len(self.tools[action.kind].args) == 1:
+            body = next(iter(action.args.values()))
+        else:
+            body = json.dumps(action.args)
+        return f"<{tag}>{body}</{tag}>"
 
 
 class JSONScaffold(Scaffold):
     name = "json"
     _FENCE = re.compile(r"```(?:json)?\s*(\{.*?\})\s*```", re.S)
-    _TOOLS = {"shell": ("cmd",), "write": ("path", "content"), "submit": ("answer",)}
 
     def system_prompt(self) -> str:
-        return ('Call one tool per turn as JSON: {"tool": "shell", "args": {"cmd": "..."}}, '
-                '{"tool": "write", "args": {"path": "...", "content": "..."}} or '
-                '{"tool": "submit", "args": {"answer": "..."}}.')
+        lines = [json.dumps({"tool": t.name, "args": {a: "..." for a in t.args}}) + f": {t.description}"
+                 for t in self.tools.values()]
+        return ("Call one tool per turn as JSON:\n" + "\n".join(lines) +
+                '\nGive the final answer with {"tool": "submit", "args": {"answer": "..."}}.')
 
     def parse(self, text: str) -> Action:
         fenced = self._FENCE.search(text)
@@ -87,24 +124,23 @@ class JSONScaffold(Scaffold):
             call = json.loads(raw)
         except json.JSONDecodeError as err:
             return Action("invalid", reason=f"unparsable tool call: {err.msg}")
-        if not isinstance(call, dict) or call.get("tool") not in self._TOOLS:
-            return Action("invalid", reason=f"unknown tool {call.get('tool') if isinstance(call, dict) else call!r}")
-        args = call.get("args")
-        needed = self._TOOLS[call["tool"]]
-        if not isinstance(args, dict) or any(not isinstance(args.get(k), str) for k in needed):
-            return Action("invalid", reason=f"tool {call['tool']} needs string args {', '.join(needed)}")
-        kind = "answer" if call["tool"] == "submit" else call["tool"]
-        return Action(kind, {k: args[k] for k in needed})
+        name = call.get("tool") if isinstance(call, dict) else None
+        if name == "submit":
+            action = _check_args(Tool("submit", ("answer",), ""), call.get("args"))
+            return Action("answer", action.args) if action.kind != "invalid" else action
+        if name not in self.tools:
+            return Action("invalid", reason=f"unknown tool {name!r}")
+        return _check_args(self.tools[name], call.get("args"))
 
     def render(self, action: Action) -> str:
         tool = "submit" if action.kind == "answer" else action.kind
         return json.dumps({"tool": tool, "args": action.args})
 
 
-SCAFFOLDS = {s.name: s for s in (XMLScaffold(), JSONScaffold())}
+SCAFFOLDS = {"xml": XMLScaffold, "json": JSONScaffold}
 
 
-def get_scaffold(name: str) -> Scaffold:
+def get_scaffold(name: str, tools: tuple[Tool, ...] = SANDBOX_TOOLS) -> Scaffold:
     if name not in SCAFFOLDS:
         raise ValueError(f"scaffold {name!r} is not one of {', '.join(SCAFFOLDS)}")
-    return SCAFFOLDS[name]
+    return SCAFFOLDS[name](tools)
