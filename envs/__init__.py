@@ -17,7 +17,19 @@ def make_env(task_cfg, seed: int = 0, pool=None) -> Env:
     if task_cfg.name == "terminal":
         from envs.terminal import TerminalEnv
         return TerminalEnv(task_cfg, seed, pool=pool)
-    raise ValueError(f"task.name={task_cfg.name!r}: no such environment (known: arith, code, terminal)")
+    if task_cfg.name == "websearch":
+        from envs.websearch import WebSearchEnv
+        return WebSearchEnv(task_cfg, seed)
+    if task_cfg.name == "math":
+        from envs.math import MathEnv
+        return MathEnv(task_cfg, seed)
+    if task_cfg.name == "general":
+        from envs.general import GeneralEnv
+        return GeneralEnv(task_cfg, seed)
+    raise ValueError(f"task.name={task_cfg.name!r}: no such environment (known: {', '.join(DOMAINS)})")
+
+
+DOMAINS = ("arith", "code", "terminal", "websearch", "math", "general")
 
 
 __all__ = ["Env", "Task", "make_env"]

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import random
 from dataclasses import dataclass, field
+
+from rayrl.rollout.scaffolds import Action, Tool
 
 
 @dataclass
@@ -23,7 +26,12 @@ class Task:
 
 
 class Env(abc.ABC):
+    """A task environment. Single-answer domains implement sample/eval_tasks/demonstration/verify;
+    agentic ones also name their `tools`, set up an episode's tools (`episode`), score the finished
+    episode (`score`, e.g. a checker run in the episode's sandbox) and give the oracle's actions."""
+
     domain: str = ""
+    tools: tuple[Tool, ...] = ()      # tools the agent may call; none: one answer turn
 
     def __init__(self, latency: str = "none", seed: int = 0):
         self._latency = parse_latency(latency)
@@ -45,6 +53,22 @@ class Env(abc.ABC):
     async def verify(self, task: Task, response: str) -> tuple[float, dict]:
         """Reward in [0, 1] and its breakdown. Raises SandboxInfraError when the infrastructure
         (not the response) failed, so the sample is not scored as the model's fault."""
+
+    @contextlib.asynccontextmanager
+    async def episode(self, task: Task):
+        """The tools object of one episode (anything with `async run(action) -> str`), set up for
+        `task` and torn down afterwards; None for domains without tools."""
+        yield None
+
+    async def score(self, task: Task, answer: str | None, tools) -> tuple[float, dict]:
+        """Reward of a finished episode; by default its answer is verified."""
+        if answer is None:
+            return 0.0, {"reason": "no answer"}
+        return await self.verify(task, answer)
+
+    def oracle_actions(self, task: Task) -> list[Action]:
+        """What the oracle does, as agent actions (for demonstrations and replay tests)."""
+        return [Action("answer", {"answer": self.demonstration(task)})]
 
     async def step(self, task: Task, response: str) -> None:
         """The environment's work after a model turn (a tool call, a test run).

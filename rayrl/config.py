@@ -61,6 +61,11 @@ class TaskConfig:
     code_timeout_s: float = 5.0       # code: per-test time limit in the sandbox
     code_sandbox_profile: str = "default"
     terminal_difficulty: int = 1      # terminal: steps chained into one task
+    websearch_difficulty: int = 1     # websearch: 1 forward questions, 2+ reverse look-ups
+    websearch_top_k: int = 5
+    math_difficulty: int = 2          # math: operations per generated problem
+    general_difficulty: int = 2       # general: constraints per instruction task
+    general_math_fraction: float = 0.5
 
 
 @dataclass
@@ -149,7 +154,7 @@ class GRPOConfig:
 
 
 _CHOICES = {
-    "task.name": ("arith", "code", "terminal"),
+    "task.name": ("arith", "code", "terminal", "websearch", "math", "general"),
     "model.tiny.family": ("llama", "qwen2"),
     "rollout.engine": ("torch",),
     "learner.backend": ("auto", "gloo", "nccl"),

@@ -9,6 +9,7 @@ several steps into one task.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -16,6 +17,8 @@ import shlex
 from pathlib import Path
 
 from envs.base import Env, Task
+from rayrl.rollout.scaffolds import SANDBOX_TOOLS, Action
+from rayrl.sandbox.client import PoolClient
 
 SAMPLES = Path(__file__).with_name("samples.jsonl")
 _FIELDS = {"task_id": str, "instruction": str, "files": dict, "check": str, "oracle": list}
@@ -102,6 +105,7 @@ class TerminalEnv(Env):
     the task's files before it, `check` runs the checker in the same sandbox after it."""
 
     domain = "terminal"
+    tools = SANDBOX_TOOLS
 
     def __init__(self, cfg=None, seed: int = 0, pool=None):
         super().__init__(getattr(cfg, "tool_latency", "none"), seed)
@@ -133,6 +137,25 @@ class TerminalEnv(Env):
     def demonstration(self, task: Task) -> str:
         return "\n".join(task.meta["oracle"])
 
+    def oracle_actions(self, task: Task) -> list[Action]:
+        return [Action("shell", {"cmd": c}) for c in task.meta["oracle"]] + [Action("answer", {"answer": "done"})]
+
+    @contextlib.asynccontextmanager
+    async def episode(self, task: Task):
+        from rayrl.rollout.agent import SandboxTools
+        async with PoolClient(self._pool()).session("default") as session:
+            await self.prepare(task, session)
+            yield SandboxTools(session)
+
+    async def score(self, task: Task, answer: str | None, tools) -> tuple[float, dict]:
+        """The checker decides, whatever the model claimed in its answer."""
+        return await self.check(task, tools.session)
+
+    def _pool(self):
+        if self.pool is None:
+            raise ValueError("TerminalEnv needs a sandbox pool (TerminalEnv(cfg, seed, pool=...))")
+        return self.pool
+
     async def prepare(self, task: Task, session) -> None:
         for path, content in task.meta["files"].items():
             await session.write_file(path, content.encode())
@@ -143,10 +166,7 @@ class TerminalEnv(Env):
 
     async def verify(self, task: Task, response: str) -> tuple[float, dict]:
         """Single-turn form: `response` is a shell script, run in a fresh sandbox, then checked."""
-        if self.pool is None:
-            raise ValueError("TerminalEnv.verify needs a sandbox pool (TerminalEnv(cfg, seed, pool=...))")
-        from rayrl.sandbox.client import PoolClient
-        async with PoolClient(self.pool).session("default") as session:
+        async with PoolClient(self._pool()).session("default") as session:
             await self.prepare(task, session)
             run = await session.exec(response, timeout=10.0)
             reward, info = await self.check(task, session)

@@ -139,3 +139,17 @@ async def run_episode(generate, tokenizer, scaffold: Scaffold, prompt: list[int]
         context += obs.tolist()
         used += len(obs)
     return Episode(list(prompt), segments, answer, reason, turns)
+
+
+async def play_task(env, task, generate, tokenizer, scaffold_name: str, params: SamplingParams,
+                    limits: EpisodeLimits) -> tuple[Episode, float, dict]:
+    """One episode of `task` in its environment: tools set up, the loop run, the result scored."""
+    from rayrl.models import chat_prompt_ids
+    from rayrl.rollout.scaffolds import get_scaffold
+    scaffold = get_scaffold(scaffold_name, env.tools)
+    prompt = chat_prompt_ids(tokenizer, task.prompt, system=scaffold.system_prompt())
+    template = TurnTemplate(tokenizer, stop_ids=params.stop_token_ids)
+    async with env.episode(task) as tools:
+        episode = await run_episode(generate, tokenizer, scaffold, prompt, tools, params, limits, template)
+        reward, info = await env.score(task, episode.answer, tools)
+    return episode, reward, {**info, "end_reason": episode.end_reason}

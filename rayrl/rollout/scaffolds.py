@@ -83,8 +83,8 @@ class XMLScaffold(Scaffold):
                 return Action("invalid", reason="empty turn")
             return Action("invalid", reason="no tool or <answer> tag")
         name, body = tags[match.group(1)], match.group(2)
-        if name == "answer":
-            return Action("answer", {"answer": body.strip()})
+        if name == "answer":   # only blank lines are trimmed: code answers keep their indentation
+            return Action("answer", {"answer": body.strip("\r\n")})
         tool = self.tools[name]
         if len(tool.args) == 1:
             return Action(name, {tool.args[0]: body.strip()}) if body.strip() else \

@@ -1,0 +1,199 @@
+"""WebSearch: answer a question by searching a local corpus (BM25) and opening documents.
+
+The corpus (`corpus.jsonl`: `id`, `title`, `text`) is shipped with the project; `facts.jsonl`
+keeps the structured facts its country, element and planet documents state (`doc` names the
+document), from which the seeded generator templates questions.
+
+Tasks are JSONL rows: `task_id`, `question`, `answers` (acceptable answer strings; the first is
+the reference) and `oracle` (the actions that solve it: `{"tool": "search", "args": {"query":
+...}}`, `{"tool": "open", "args": {"id": ...}}`, ..., ending with `{"tool": "answer", "args":
+{"answer": ...}}`). Answers are graded by SQuAD-normalized exact match (the reward) and token F1.
+
+Generator difficulty: 1 asks forward questions (the capital of a country, the symbol of an
+element), 2 (or more) reverse lookups (the country whose capital is X, the element with symbol
+Y), whose query words are less distinctive. Generated questions whose oracle query does not put the
+answer's document in the top results are never emitted. The held-out split is by the task id's
+hash (`eval_fraction` of the question space).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import random
+from pathlib import Path
+
+from envs.base import Env, Task
+from envs.websearch.grade import exact_match, f1, grade, normalize
+from envs.websearch.search import (CORPUS, OPEN, SEARCH, WEBSEARCH_TOOLS, BM25, Doc, SearchTools,
+                                   corpus_index, load_corpus, tokenize)
+from rayrl.rollout.scaffolds import Action
+
+SAMPLES = Path(__file__).with_name("samples.jsonl")
+FACTS = Path(__file__).with_name("facts.jsonl")
+TOP_K = 5
+_FIELDS = {"task_id": str, "question": str, "answers": list, "oracle": list}
+_ORACLE_ARGS = {"search": ("query",), "open": ("id",), "answer": ("answer",)}
+
+
+class TaskFormatError(ValueError):
+    pass
+
+
+def parse_row(row, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise TaskFormatError(f"{where}: a task row must be a JSON object")
+    for field, kind in _FIELDS.items():
+        if field not in row:
+            raise TaskFormatError(f"{where}: field {field!r} is missing")
+        if not isinstance(row[field], kind):
+            raise TaskFormatError(f"{where}: field {field!r} must be {kind.__name__}")
+    if not row["answers"] or not all(isinstance(a, str) and normalize(a) for a in row["answers"]):
+        raise TaskFormatError(f"{where}: field 'answers' must be a non-empty list of non-empty strings")
+    for i, step in enumerate(row["oracle"]):
+        tool = step.get("tool") if isinstance(step, dict) else None
+        if tool not in _ORACLE_ARGS:
+            raise TaskFormatError(f"{where}: field 'oracle'[{i}]: 'tool' must be one of {', '.join(_ORACLE_ARGS)}")
+        args = step.get("args")
+        if not isinstance(args, dict) or any(not isinstance(args.get(a), str) for a in _ORACLE_ARGS[tool]):
+            raise TaskFormatError(f"{where}: field 'oracle'[{i}]: {tool} needs string args "
+                                  f"{', '.join(_ORACLE_ARGS[tool])}")
+    if not row["oracle"] or row["oracle"][-1]["tool"] != "answer" or \
+            any(s["tool"] == "answer" for s in row["oracle"][:-1]):
+        raise TaskFormatError(f"{where}: field 'oracle' must end with its one 'answer' action")
+    return {k: row[k] for k in _FIELDS}
+
+
+def load_tasks(path: str | Path) -> list[dict]:
+    tasks = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TaskFormatError(f"{path}:{n}: not JSON ({err.msg})") from None
+            tasks.append(parse_row(row, f"{path}:{n}"))
+    return tasks
+
+
+def oracle_actions(row: dict) -> list[Action]:
+    """The oracle as scaffold actions (the last is the answer)."""
+    return [Action(s["tool"], dict(s["args"])) for s in row["oracle"]]
+
+
+def load_facts(path: str | Path = FACTS) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _templates(fact: dict, difficulty: int) -> list[tuple[str, list[str], str]]:
+    """(question, answers, query) for one fact at one difficulty."""
+    s, kind = fact["subject"], fact["kind"]
+    subject = [s] + fact.get("subject_aliases", [])
+    if difficulty <= 1:
+        if kind == "country":
+            return [(f"What is the capital of {s}?", [fact["capital"]] + fact["capital_aliases"], f"capital of {s}"),
+                    (f"On which continent is {s}?", [fact["continent"]], f"{s} country")]
+        if kind == "element":
+            return [(f"What is the chemical symbol of {s}?", [fact["symbol"]], f"{s} chemical symbol"),
+                    (f"What is the atomic number of {s}?", [str(fact["atomic_number"])], f"{s} atomic number")]
+        return [(f"Which planet is the {fact['ordinal']} planet from the Sun?", [s], f"{fact['ordinal']} planet from the Sun")]
+    if kind == "country":
+        return [(f"Which country has {fact['capital']} as its capital?", subject, f"capital {fact['capital']}")]
+    if kind == "element":
+        return [(f"Which chemical element has the symbol {fact['symbol']}?", subject, f"element symbol {fact['symbol']}"),
+                (f"Which chemical element has atomic number {fact['atomic_number']}?", subject,
+                 f"element atomic number {fact['atomic_number']}")]
+    return [(f"Counting from the Sun, what is the position of the planet {s}?",
+             [fact["ordinal"], str(fact["position"])], f"{s} planet from the Sun")]
+
+
+def make_row(question: str, answers: list[str], query: str, doc: str) -> dict:
+    oracle = [{"tool": "search", "args": {"query": query}}, {"tool": "open", "args": {"id": doc}},
+              {"tool": "answer", "args": {"answer": answers[0]}}]
+    task_id = "ws-" + hashlib.blake2b(question.encode(), digest_size=6).hexdigest()
+    return {"task_id": task_id, "question": question, "answers": list(answers), "oracle": oracle}
+
+
+@functools.lru_cache(maxsize=8)
+def question_space(difficulty: int = 1) -> tuple[dict, ...]:
+    """Every question the generator can ask at `difficulty`, in a fixed order, each one checked:
+    its oracle query finds the answer's document in the top results, and the document's text
+    states the first answer."""
+    index, out = corpus_index(), []
+    for fact in load_facts():
+        doc = index.by_id[fact["doc"]]
+        for question, answers, query in _templates(fact, min(max(difficulty, 1), 2)):
+            if fact["doc"] in {d.id for d, _ in index.search(query, TOP_K)} and \
+                    normalize(answers[0]) in normalize(f"{doc.title} {doc.text}"):
+                out.append(make_row(question, answers, query, fact["doc"]))
+    return tuple(out)
+
+
+def generate(rng: random.Random, difficulty: int = 1) -> dict:
+    """A templated question about one corpus fact (may be a held-out one: see WebSearchEnv)."""
+    return dict(rng.choice(question_space(difficulty)))
+
+
+class WebSearchEnv(Env):
+    """Agentic: the tools are `search` and `open` (`tools`, for `get_scaffold(name, env.tools)`);
+    `episode(task)` yields the episode's tools object (`make_tools`), and the submitted answer is
+    scored by `verify` (normalized exact match; F1 in the info)."""
+
+    domain = "websearch"
+    tools = WEBSEARCH_TOOLS
+
+    def __init__(self, cfg=None, seed: int = 0):
+        super().__init__(getattr(cfg, "tool_latency", "none"), seed)
+        self.difficulty = getattr(cfg, "websearch_difficulty", 1)
+        self.eval_fraction = getattr(cfg, "eval_fraction", 0.2)
+        self.top_k = getattr(cfg, "websearch_top_k", TOP_K)
+
+    def _held_out(self, row: dict) -> bool:
+        return int(row["task_id"].split("-")[1], 16) / 2**48 < self.eval_fraction
+
+    @staticmethod
+    def to_task(row: dict) -> Task:
+        prompt = f"{row['question']}\nSearch the documents to find out, then give just the answer."
+        return Task(id=row["task_id"], prompt=prompt, answer=row["answers"][0], domain="websearch", meta=row)
+
+    def make_tools(self, task: Task | None = None) -> SearchTools:
+        """A tools object for `run_episode` (stateless over the shared index: nothing to tear down)."""
+        return SearchTools(corpus_index(), self.top_k)
+
+    @contextlib.asynccontextmanager
+    async def episode(self, task: Task):
+        yield self.make_tools(task)
+
+    async def score(self, task: Task, answer: str | None, tools=None) -> tuple[float, dict]:
+        if answer is None:
+            return 0.0, {"reason": "no answer", "em": 0.0, "f1": 0.0}
+        return await self.verify(task, answer)
+
+    def oracle_actions(self, task: Task) -> list[Action]:
+        return oracle_actions(task.meta)
+
+    def sample(self, rng: random.Random) -> Task:
+        while True:
+            row = generate(rng, self.difficulty)
+            if not self._held_out(row):
+                return self.to_task(row)
+
+    def eval_tasks(self, n: int) -> list[Task]:
+        """The first n held-out questions (fewer if the question space holds fewer)."""
+        rows = [r for r in question_space(self.difficulty) if self._held_out(r)]
+        return [self.to_task(r) for r in rows[:n]]
+
+    def demonstration(self, task: Task) -> str:
+        return task.meta["oracle"][-1]["args"]["answer"] if "oracle" in task.meta else task.answer
+
+    async def verify(self, task: Task, response: str) -> tuple[float, dict]:
+        scores = grade(response, task.meta.get("answers") or [task.answer])
+        return scores["em"], scores
+
+
+__all__ = ["BM25", "CORPUS", "Doc", "FACTS", "OPEN", "SAMPLES", "SEARCH", "SearchTools", "TaskFormatError",
+           "WEBSEARCH_TOOLS", "WebSearchEnv", "corpus_index", "exact_match", "f1", "generate", "grade",
+           "load_corpus", "load_facts", "load_tasks", "make_row", "normalize", "oracle_actions", "parse_row",
+           "question_space", "tokenize"]

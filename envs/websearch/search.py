@@ -1,0 +1,121 @@
+"""The WebSearch domain's local "web": a small shipped corpus, a BM25 index over it, and the
+`search` and `open` tools the agent calls.
+
+BM25 (Okapi, k1=1.5, b=0.75, idf = ln(1 + (N - df + 0.5) / (df + 0.5)), which is never
+negative) over lowercase word tokens, in numpy. Each distinct query term counts once. Ranking is
+deterministic: by score, ties broken by corpus order; documents that share no term with the query
+are not returned.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rayrl.rollout.scaffolds import Action, Tool
+
+CORPUS = Path(__file__).with_name("corpus.jsonl")
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+
+SEARCH = Tool("search", ("query",), "search the document collection; returns the top results as 'id: title — snippet'")
+OPEN = Tool("open", ("id",), "open a document by its id and read its full text")
+WEBSEARCH_TOOLS = (SEARCH, OPEN)
+
+
+def tokenize(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+@dataclass(frozen=True)
+class Doc:
+    id: str
+    title: str
+    text: str
+
+
+def load_corpus(path: str | Path = CORPUS) -> list[Doc]:
+    docs, seen = [], set()
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not JSON ({err.msg})") from None
+        for key in ("id", "title", "text"):
+            if not isinstance(row.get(key) if isinstance(row, dict) else None, str):
+                raise ValueError(f"{where}: field {key!r} is missing or not a string")
+        if row["id"] in seen:
+            raise ValueError(f"{where}: field 'id' repeats {row['id']!r}")
+        seen.add(row["id"])
+        docs.append(Doc(row["id"], row["title"], row["text"]))
+    return docs
+
+
+class BM25:
+    def __init__(self, docs: list[Doc], k1: float = 1.5, b: float = 0.75):
+        self.docs, self.k1, self.b = list(docs), k1, b
+        self.by_id = {d.id: d for d in self.docs}
+        tokens = [tokenize(f"{d.title} {d.text}") for d in self.docs]
+        self.vocab = {t: i for i, t in enumerate(sorted({t for ts in tokens for t in ts}))}
+        tf = np.zeros((len(self.docs), len(self.vocab)), np.float64)
+        for i, ts in enumerate(tokens):
+            for t in ts:
+                tf[i, self.vocab[t]] += 1
+        lengths = tf.sum(1)
+        df = (tf > 0).sum(0)
+        n = len(self.docs)
+        self.idf = np.log(1.0 + (n - df + 0.5) / (df + 0.5))
+        norm = k1 * (1.0 - b + b * lengths / max(lengths.mean(), 1e-9))
+        self._weights = tf * (k1 + 1.0) / (tf + norm[:, None])     # per doc and term, before idf
+
+    def scores(self, query: str) -> np.ndarray:
+        cols = sorted({self.vocab[t] for t in tokenize(query) if t in self.vocab})
+        if not cols:
+            return np.zeros(len(self.docs))
+        return self._weights[:, cols] @ self.idf[cols]
+
+    def search(self, query: str, k: int = 5) -> list[tuple[Doc, float]]:
+        s = self.scores(query)
+        order = np.lexsort((np.arange(len(s)), -s))    # score descending, then corpus order
+        return [(self.docs[i], float(s[i])) for i in order[:k] if s[i] > 0]
+
+
+@functools.lru_cache(maxsize=4)
+def corpus_index(path: str = str(CORPUS)) -> BM25:
+    """The shared index over a corpus file (built once per process)."""
+    return BM25(load_corpus(path))
+
+
+def snippet(text: str, chars: int = 90) -> str:
+    if len(text) <= chars:
+        return text
+    cut = text[:chars].rsplit(" ", 1)[0]
+    return cut + " …"
+
+
+class SearchTools:
+    """The tools object for `run_episode`: `search` and `open` over a BM25 index."""
+
+    def __init__(self, index: BM25 | None = None, k: int = 5):
+        self.index, self.k = index if index is not None else corpus_index(), k
+
+    async def run(self, action: Action) -> str:
+        if action.kind == "search":
+            query = action.args["query"].strip()
+            hits = self.index.search(query, self.k)
+            if not hits:
+                return f"no results for {query!r}"
+            return "\n".join(f"{d.id}: {d.title} — {snippet(d.text)}" for d, _ in hits)
+        if action.kind == "open":
+            doc = self.index.by_id.get(action.args["id"].strip())
+            if doc is None:
+                return f"no document with id {action.args['id']!r}; open an id from the search results"
+            return f"{doc.title}\n\n{doc.text}"
+        raise ValueError(f"no tool runs action {action.kind!r}")
