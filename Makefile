@@ -3,7 +3,7 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 # Debian packages the project needs; installed only when missing.
-DEB_PACKAGES ?= bubblewrap docker.io debootstrap gcc libc6-dev
+DEB_PACKAGES ?= bubblewrap docker.io debootstrap gcc libc6-dev chromium
 
 .PHONY: setup demo test bench clean
 

@@ -28,7 +28,7 @@ async def make_envs(pool) -> dict:
     from envs.swe.synthesize import synthesize
     cfg = GRPOConfig().task
     out = {}
-    for name in ("arith", "code", "terminal", "websearch", "math", "general"):
+    for name in ("arith", "code", "terminal", "websearch", "math", "general", "webcoding"):
         cfg.name = name
         out[name] = make_env(cfg, 0, pool=pool)
     tasks, _ = await synthesize(SAMPLE_REPO, pool=pool, max_tasks=6, seed=0, progress=False)

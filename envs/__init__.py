@@ -26,10 +26,14 @@ def make_env(task_cfg, seed: int = 0, pool=None) -> Env:
     if task_cfg.name == "general":
         from envs.general import GeneralEnv
         return GeneralEnv(task_cfg, seed)
+    if task_cfg.name == "webcoding":
+        from envs.webcoding import WebCodingEnv
+        return WebCodingEnv(task_cfg, seed)
     raise ValueError(f"task.name={task_cfg.name!r}: no such environment (known: {', '.join(DOMAINS)})")
 
 
-DOMAINS = ("arith", "code", "terminal", "websearch", "math", "general")
+# swe is built from a task file or a synthesized set (envs.swe.SWEEnv), not from a config alone.
+DOMAINS = ("arith", "code", "terminal", "websearch", "math", "general", "webcoding")
 
 
 __all__ = ["Env", "Task", "make_env"]

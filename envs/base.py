@@ -70,6 +70,9 @@ class Env(abc.ABC):
         """What the oracle does, as agent actions (for demonstrations and replay tests)."""
         return [Action("answer", {"answer": self.demonstration(task)})]
 
+    async def aclose(self) -> None:
+        """Release what the environment started (a local sandbox pool, a browser)."""
+
     async def step(self, task: Task, response: str) -> None:
         """The environment's work after a model turn (a tool call, a test run).
 

@@ -66,6 +66,7 @@ class TaskConfig:
     math_difficulty: int = 2          # math: operations per generated problem
     general_difficulty: int = 2       # general: constraints per instruction task
     general_math_fraction: float = 0.5
+    webcoding_difficulty: int = 1     # webcoding: checks per generated page
 
 
 @dataclass
@@ -154,7 +155,7 @@ class GRPOConfig:
 
 
 _CHOICES = {
-    "task.name": ("arith", "code", "terminal", "websearch", "math", "general"),
+    "task.name": ("arith", "code", "terminal", "websearch", "math", "general", "webcoding"),
     "model.tiny.family": ("llama", "qwen2"),
     "rollout.engine": ("torch",),
     "learner.backend": ("auto", "gloo", "nccl"),

@@ -16,7 +16,7 @@ needs_chromium = pytest.mark.skipif(not WebCodingEnv.available(),
 async def env(tmp_path):
     e = WebCodingEnv(screenshot_dir=tmp_path / "shots", timeout_s=15.0)
     yield e
-    await e.close()
+    await e.aclose()
 
 
 def _task(env, task_id):
@@ -40,25 +40,22 @@ async def test_oracles_score_one_with_a_png_screenshot(env):
 @pytest.mark.parametrize("scaffold_name", ["xml", "json"])
 async def test_oracles_replayed_as_the_answer_turn(env, scaffold_name):
     from rayrl.config import GRPOConfig
-    from rayrl.models import chat_prompt_ids, load_tokenizer, resolve_model_path
-    from rayrl.rollout.agent import EpisodeLimits, TurnTemplate, run_episode
+    from rayrl.models import load_tokenizer, resolve_model_path
+    from rayrl.rollout.agent import EpisodeLimits, play_task
     from rayrl.rollout.engine import SamplingParams
-    from rayrl.rollout.scaffolds import Action, get_scaffold
-    from tests.replay_policy import ReplayPolicy
+    from rayrl.rollout.replay import ReplayPolicy
+    from rayrl.rollout.scaffolds import get_scaffold
 
     tokenizer = load_tokenizer(resolve_model_path(GRPOConfig().model))
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    scaffold = get_scaffold(scaffold_name, tools=())      # no tools: the one turn is the answer
+    scaffold = get_scaffold(scaffold_name, env.tools)      # no tools: the one turn is the answer
     for row in load_tasks(SAMPLES):
         task = env.to_task(row)
-        turn = scaffold.render(Action("answer", {"answer": env.demonstration(task)}))
-        episode = await run_episode(ReplayPolicy(tokenizer, [turn], stop), tokenizer, scaffold,
-                                    chat_prompt_ids(tokenizer, task.prompt, system=scaffold.system_prompt()),
-                                    None, SamplingParams(stop_token_ids=(stop,)),
-                                    EpisodeLimits(max_tokens=4096, max_new_tokens=2048),
-                                    TurnTemplate(tokenizer, stop_ids=(stop,)))
-        assert episode.end_reason == "answer", episode.end_reason
-        reward, info = await env.verify(task, episode.answer)
+        turns = [scaffold.render(a) for a in env.oracle_actions(task)]
+        episode, reward, info = await play_task(env, task, ReplayPolicy(tokenizer, turns, stop), tokenizer,
+                                                scaffold_name, SamplingParams(stop_token_ids=(stop,)),
+                                                EpisodeLimits(max_tokens=4096, max_new_tokens=2048))
+        assert episode.end_reason == "answer" and episode.turns == 1, episode.end_reason
         assert reward == 1.0, (row["task_id"], info)
 
 
@@ -120,7 +117,7 @@ async def test_a_hung_page_times_out_and_the_browser_recovers(tmp_path):
         assert r == 0.0 and info["reason"].startswith("timed out")
         assert (await env.verify(heading, env.demonstration(heading)))[0] == 1.0
     finally:
-        await env.close()
+        await env.aclose()
 
 
 def test_extract_html():

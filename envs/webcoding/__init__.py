@@ -266,7 +266,7 @@ class WebCodingEnv(Env):
         except BrowserError as err:
             raise SandboxInfraError(f"webcoding browser: {err}") from err
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._browser is not None:
             if self._loop is asyncio.get_running_loop():
                 await self._browser.close()
