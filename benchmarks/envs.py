@@ -80,6 +80,7 @@ async def measure(episodes: int, concurrency: int) -> dict:
     try:
         for name, env in (await make_envs(pool)).items():
             results[name] = await run_domain(env, tokenizer, episodes, concurrency)
+            await env.aclose()
             print(f"  {name}: {results[name]}", flush=True)
     finally:
         await pool.shutdown()
