@@ -84,6 +84,36 @@ class Env(abc.ABC):
             await asyncio.sleep(delay)
 
 
+class GeneratedEnv(Env):
+    """Tasks from a seeded generator (`generate_row`); a hash of the task id holds `eval_fraction`
+    of them out, so evaluation tasks are never trained on."""
+
+    eval_fraction: float = 0.2
+    eval_seed: int = 0x7E57
+
+    @abc.abstractmethod
+    def generate_row(self, rng: random.Random) -> dict: ...
+
+    @abc.abstractmethod
+    def to_task(self, row: dict) -> Task: ...
+
+    def sample(self, rng: random.Random) -> Task:
+        from envs.rows import held_out
+        while True:
+            row = self.generate_row(rng)
+            if not held_out(row["task_id"], self.eval_fraction):
+                return self.to_task(row)
+
+    def eval_tasks(self, n: int) -> list[Task]:
+        from envs.rows import held_out
+        rng, out = random.Random(self.eval_seed), {}
+        while len(out) < n:
+            row = self.generate_row(rng)
+            if held_out(row["task_id"], self.eval_fraction):
+                out.setdefault(row["task_id"], self.to_task(row))
+        return list(out.values())
+
+
 def parse_latency(spec: str):
     """`none` | `fixed:S` | `lognormal:MEDIAN:SIGMA[:CAP]` -> a function rng -> seconds."""
     kind, *args = spec.split(":")

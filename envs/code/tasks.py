@@ -19,11 +19,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from envs.rows import TaskFormatError
+
 SAMPLES_PATH = Path(__file__).with_name("samples.jsonl")
-
-
-class TaskFormatError(ValueError):
-    """A task row is malformed; the message names the file, the line and the field."""
 
 
 @dataclass

@@ -16,14 +16,11 @@ import re
 from pathlib import Path
 
 from envs import math as math_env
-from envs.base import Env, Task
+from envs.rows import TaskFormatError, check_fields, read_jsonl
+from envs.base import GeneratedEnv, Task
 
 SAMPLES = Path(__file__).with_name("samples.jsonl")
 _FIELDS = {"task_id": str, "prompt": str, "constraints": list, "oracle": str}
-
-
-class TaskFormatError(ValueError):
-    pass
 
 
 def _words(text: str) -> list[str]:
@@ -103,13 +100,7 @@ def parse_constraint(c, where: str) -> dict:
 
 
 def parse_row(row, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise TaskFormatError(f"{where}: a task row must be a JSON object")
-    for field, kind in _FIELDS.items():
-        if field not in row:
-            raise TaskFormatError(f"{where}: field {field!r} is missing")
-        if not isinstance(row[field], kind):
-            raise TaskFormatError(f"{where}: field {field!r} must be {kind.__name__}")
+    check_fields(row, where, _FIELDS)
     if not row["constraints"]:
         raise TaskFormatError(f"{where}: field 'constraints' is empty")
     constraints = [parse_constraint(c, f"{where}: field 'constraints[{i}]'") for i, c in enumerate(row["constraints"])]
@@ -117,15 +108,7 @@ def parse_row(row, where: str) -> dict:
 
 
 def load_tasks(path: str | Path) -> list[dict]:
-    tasks = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskFormatError(f"{path}:{n}: not JSON ({err.msg})") from None
-            tasks.append(parse_row(row, f"{path}:{n}"))
-    return tasks
+    return read_jsonl(path, parse_row)
 
 
 def check_constraint(response: str, constraint: dict) -> bool:
@@ -233,11 +216,13 @@ def generate(rng: random.Random, difficulty: int = 2) -> dict:
     return {"task_id": row["task_id"], "prompt": prompt, "constraints": constraints, "oracle": body}
 
 
-class GeneralEnv(Env):
+class GeneralEnv(GeneratedEnv):
     """Math and instruction-following tasks, single-turn (one answer turn, no tools).
     `task.meta["kind"]` is "math" or "instruction"."""
 
     domain = "general"
+
+    eval_seed = 0x6E7
 
     def __init__(self, cfg=None, seed: int = 0):
         super().__init__(getattr(cfg, "tool_latency", "none"), seed)
@@ -252,25 +237,10 @@ class GeneralEnv(Env):
         return Task(id=row["task_id"], prompt=row["problem"], answer=row["answer"], domain=self.domain,
                     meta={**row, "kind": "math"})
 
-    def _generate(self, rng: random.Random) -> dict:
+    def generate_row(self, rng: random.Random) -> dict:
         if rng.random() < self.math_fraction:
             return math_env.generate(rng, self.difficulty)
         return generate(rng, self.difficulty)
-
-    def sample(self, rng: random.Random) -> Task:
-        while True:
-            row = self._generate(rng)
-            if not math_env.held_out(row["task_id"], self.eval_fraction):
-                return self.to_task(row)
-
-    def eval_tasks(self, n: int) -> list[Task]:
-        rng, out, seen = random.Random(0x6E7), [], set()
-        while len(out) < n:
-            row = self._generate(rng)
-            if math_env.held_out(row["task_id"], self.eval_fraction) and row["task_id"] not in seen:
-                seen.add(row["task_id"])
-                out.append(self.to_task(row))
-        return out
 
     def demonstration(self, task: Task) -> str:
         if task.meta["kind"] == "math":

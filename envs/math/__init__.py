@@ -9,34 +9,21 @@ integer/fraction arithmetic and linear equations; difficulty is the number of op
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import re
 from fractions import Fraction
 from pathlib import Path
 
-from envs.base import Env, Task
+from envs.rows import TaskFormatError, check_fields, read_jsonl
+from envs.base import GeneratedEnv, Task
 
 SAMPLES = Path(__file__).with_name("samples.jsonl")
 _FIELDS = {"task_id": str, "problem": str, "answer": str}
 _OPTIONAL = {"solution": str}
 
 
-class TaskFormatError(ValueError):
-    pass
-
-
 def parse_row(row, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise TaskFormatError(f"{where}: a task row must be a JSON object")
-    for field, kind in _FIELDS.items():
-        if field not in row:
-            raise TaskFormatError(f"{where}: field {field!r} is missing")
-        if not isinstance(row[field], kind):
-            raise TaskFormatError(f"{where}: field {field!r} must be {kind.__name__}")
-    for field, kind in _OPTIONAL.items():
-        if field in row and not isinstance(row[field], kind):
-            raise TaskFormatError(f"{where}: field {field!r} must be {kind.__name__}")
+    check_fields(row, where, _FIELDS, _OPTIONAL)
     if not row["answer"].strip():
         raise TaskFormatError(f"{where}: field 'answer' is empty")
     if normalize(row["answer"]) is None or _parse(normalize(row["answer"])) is None:
@@ -45,15 +32,7 @@ def parse_row(row, where: str) -> dict:
 
 
 def load_tasks(path: str | Path) -> list[dict]:
-    tasks = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskFormatError(f"{path}:{n}: not JSON ({err.msg})") from None
-            tasks.append(parse_row(row, f"{path}:{n}"))
-    return tasks
+    return read_jsonl(path, parse_row)
 
 
 # ---------------------------------------------------------------- extraction
@@ -270,37 +249,23 @@ def generate(rng: random.Random, difficulty: int = 1) -> dict:
     return {"task_id": row["task_id"], "problem": row["problem"], "answer": row["answer"], "solution": row["solution"]}
 
 
-def held_out(task_id: str, fraction: float) -> bool:
-    return int(hashlib.blake2b(task_id.encode(), digest_size=6).hexdigest(), 16) / 2**48 < fraction
-
-
-class MathEnv(Env):
+class MathEnv(GeneratedEnv):
     """Single-turn (one answer turn, no tools); the answer is checked by `check`."""
 
     domain = "math"
+
+    eval_seed = 0x3A7
 
     def __init__(self, cfg=None, seed: int = 0):
         super().__init__(getattr(cfg, "tool_latency", "none"), seed)
         self.difficulty = getattr(cfg, "math_difficulty", 2)
         self.eval_fraction = getattr(cfg, "eval_fraction", 0.2)
 
+    def generate_row(self, rng: random.Random) -> dict:
+        return generate(rng, self.difficulty)
+
     def to_task(self, row: dict) -> Task:
         return Task(id=row["task_id"], prompt=row["problem"], answer=row["answer"], domain=self.domain, meta=row)
-
-    def sample(self, rng: random.Random) -> Task:
-        while True:
-            row = generate(rng, self.difficulty)
-            if not held_out(row["task_id"], self.eval_fraction):
-                return self.to_task(row)
-
-    def eval_tasks(self, n: int) -> list[Task]:
-        rng, out, seen = random.Random(0x3A7), [], set()
-        while len(out) < n:
-            row = generate(rng, self.difficulty)
-            if held_out(row["task_id"], self.eval_fraction) and row["task_id"] not in seen:
-                seen.add(row["task_id"])
-                out.append(self.to_task(row))
-        return out
 
     def demonstration(self, task: Task) -> str:
         solution = task.meta.get("solution", "") if task.meta else ""

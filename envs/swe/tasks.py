@@ -29,6 +29,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from envs.rows import TaskFormatError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_REPO = Path(__file__).resolve().parent / "sample_repo"
 
@@ -36,10 +38,6 @@ _SKIP_DIRS = {".git", "__pycache__", ".pytest_cache", ".hypothesis", ".mypy_cach
               "venv", "node_modules", "build", "dist"}
 _SKIP_SUFFIXES = (".pyc", ".pyo", ".so", ".egg-info")
 MAX_REPO_BYTES = 32 << 20
-
-
-class TaskFormatError(ValueError):
-    """A task row is malformed; the message names the file, line and field."""
 
 
 @dataclass

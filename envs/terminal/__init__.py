@@ -16,7 +16,8 @@ import random
 import shlex
 from pathlib import Path
 
-from envs.base import Env, Task
+from envs.rows import TaskFormatError, check_fields, read_jsonl
+from envs.base import GeneratedEnv, Task
 from rayrl.rollout.scaffolds import SANDBOX_TOOLS, Action
 from rayrl.sandbox.client import PoolClient
 
@@ -24,18 +25,8 @@ SAMPLES = Path(__file__).with_name("samples.jsonl")
 _FIELDS = {"task_id": str, "instruction": str, "files": dict, "check": str, "oracle": list}
 
 
-class TaskFormatError(ValueError):
-    pass
-
-
 def parse_row(row, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise TaskFormatError(f"{where}: a task row must be a JSON object")
-    for field, kind in _FIELDS.items():
-        if field not in row:
-            raise TaskFormatError(f"{where}: field {field!r} is missing")
-        if not isinstance(row[field], kind):
-            raise TaskFormatError(f"{where}: field {field!r} must be {kind.__name__}")
+    check_fields(row, where, _FIELDS)
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in row["files"].items()):
         raise TaskFormatError(f"{where}: field 'files' must map paths to text")
     if not all(isinstance(c, str) for c in row["oracle"]):
@@ -44,15 +35,7 @@ def parse_row(row, where: str) -> dict:
 
 
 def load_tasks(path: str | Path) -> list[dict]:
-    tasks = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskFormatError(f"{path}:{n}: not JSON ({err.msg})") from None
-            tasks.append(parse_row(row, f"{path}:{n}"))
-    return tasks
+    return read_jsonl(path, parse_row)
 
 
 def _word(rng: random.Random, n: int = 5) -> str:
@@ -100,7 +83,7 @@ def generate(rng: random.Random, difficulty: int = 1) -> dict:
     return task
 
 
-class TerminalEnv(Env):
+class TerminalEnv(GeneratedEnv):
     """The episode runs in a leased sandbox (a rayrl.sandbox.client.Session): `prepare` writes
     the task's files before it, `check` runs the checker in the same sandbox after it."""
 
@@ -113,26 +96,12 @@ class TerminalEnv(Env):
         self.difficulty = getattr(cfg, "terminal_difficulty", 1)
         self.eval_fraction = getattr(cfg, "eval_fraction", 0.2)
 
-    def _held_out(self, row: dict) -> bool:
-        return int(row["task_id"].split("-")[1], 16) / 2**48 < self.eval_fraction
+    def generate_row(self, rng: random.Random) -> dict:
+        return generate(rng, self.difficulty)
 
     @staticmethod
     def to_task(row: dict) -> Task:
         return Task(id=row["task_id"], prompt=row["instruction"], answer="", domain="terminal", meta=row)
-
-    def sample(self, rng: random.Random) -> Task:
-        while True:
-            row = generate(rng, self.difficulty)
-            if not self._held_out(row):
-                return self.to_task(row)
-
-    def eval_tasks(self, n: int) -> list[Task]:
-        rng, out = random.Random(0x7E57), []
-        while len(out) < n:
-            row = generate(rng, self.difficulty)
-            if self._held_out(row):
-                out.append(self.to_task(row))
-        return out
 
     def demonstration(self, task: Task) -> str:
         return "\n".join(task.meta["oracle"])

@@ -20,7 +20,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from envs.base import Env, Task
+from envs.rows import TaskFormatError, check_fields, read_jsonl
+from envs.base import GeneratedEnv, Task
 from envs.webcoding.browser import Browser, BrowserError, find_chromium
 from envs.webcoding.grader import grade, validate_check
 
@@ -30,18 +31,8 @@ FORMAT = ("\n\nReply with one complete, self-contained HTML document (inline CSS
           "resources) in a ```html code block.")
 
 
-class TaskFormatError(ValueError):
-    pass
-
-
 def parse_row(row, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise TaskFormatError(f"{where}: a task row must be a JSON object")
-    for field, kind in _FIELDS.items():
-        if field not in row:
-            raise TaskFormatError(f"{where}: field {field!r} is missing")
-        if not isinstance(row[field], kind):
-            raise TaskFormatError(f"{where}: field {field!r} must be {kind.__name__}")
+    check_fields(row, where, _FIELDS)
     if not row["checks"]:
         raise TaskFormatError(f"{where}: field 'checks' must not be empty")
     for i, check in enumerate(row["checks"]):
@@ -53,15 +44,7 @@ def parse_row(row, where: str) -> dict:
 
 
 def load_tasks(path: str | Path) -> list[dict]:
-    tasks = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskFormatError(f"{path}:{n}: not JSON ({err.msg})") from None
-            tasks.append(parse_row(row, f"{path}:{n}"))
-    return tasks
+    return read_jsonl(path, parse_row)
 
 
 _FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:^[ \t]*```|\Z)", re.S | re.M)
@@ -191,7 +174,7 @@ def generate(rng: random.Random, difficulty: int = 1) -> dict:
 
 # ---------------------------------------------------------------- environment
 
-class WebCodingEnv(Env):
+class WebCodingEnv(GeneratedEnv):
     """Grades pages in one shared headless Chromium (started lazily on the running event loop,
     restarted if it dies); at most `concurrency` pages are graded at once."""
 
@@ -208,30 +191,16 @@ class WebCodingEnv(Env):
         self._loop = None
         self._sem: asyncio.Semaphore | None = None
 
+    def generate_row(self, rng: random.Random) -> dict:
+        return generate(rng, self.difficulty)
+
     @staticmethod
     def available() -> bool:
         return find_chromium() is not None
 
-    def _held_out(self, row: dict) -> bool:
-        return int(row["task_id"].split("-")[1], 16) / 2**48 < self.eval_fraction
-
     @staticmethod
     def to_task(row: dict) -> Task:
         return Task(id=row["task_id"], prompt=row["instruction"] + FORMAT, answer="", domain="webcoding", meta=row)
-
-    def sample(self, rng: random.Random) -> Task:
-        while True:
-            row = generate(rng, self.difficulty)
-            if not self._held_out(row):
-                return self.to_task(row)
-
-    def eval_tasks(self, n: int) -> list[Task]:
-        rng, out = random.Random(0x7E57), []
-        while len(out) < n:
-            row = generate(rng, self.difficulty)
-            if self._held_out(row):
-                out.append(self.to_task(row))
-        return out
 
     def demonstration(self, task: Task) -> str:
         return f"```html\n{task.meta['oracle']}```"

@@ -25,7 +25,8 @@ import json
 import random
 from pathlib import Path
 
-from envs.base import Env, Task
+from envs.rows import TaskFormatError, check_fields, held_out, read_jsonl
+from envs.base import GeneratedEnv, Task
 from envs.websearch.grade import exact_match, f1, grade, normalize
 from envs.websearch.search import (CORPUS, OPEN, SEARCH, WEBSEARCH_TOOLS, BM25, Doc, SearchTools,
                                    corpus_index, load_corpus, tokenize)
@@ -38,18 +39,8 @@ _FIELDS = {"task_id": str, "question": str, "answers": list, "oracle": list}
 _ORACLE_ARGS = {"search": ("query",), "open": ("id",), "answer": ("answer",)}
 
 
-class TaskFormatError(ValueError):
-    pass
-
-
 def parse_row(row, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise TaskFormatError(f"{where}: a task row must be a JSON object")
-    for field, kind in _FIELDS.items():
-        if field not in row:
-            raise TaskFormatError(f"{where}: field {field!r} is missing")
-        if not isinstance(row[field], kind):
-            raise TaskFormatError(f"{where}: field {field!r} must be {kind.__name__}")
+    check_fields(row, where, _FIELDS)
     if not row["answers"] or not all(isinstance(a, str) and normalize(a) for a in row["answers"]):
         raise TaskFormatError(f"{where}: field 'answers' must be a non-empty list of non-empty strings")
     for i, step in enumerate(row["oracle"]):
@@ -67,15 +58,7 @@ def parse_row(row, where: str) -> dict:
 
 
 def load_tasks(path: str | Path) -> list[dict]:
-    tasks = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskFormatError(f"{path}:{n}: not JSON ({err.msg})") from None
-            tasks.append(parse_row(row, f"{path}:{n}"))
-    return tasks
+    return read_jsonl(path, parse_row)
 
 
 def oracle_actions(row: dict) -> list[Action]:
@@ -137,7 +120,7 @@ def generate(rng: random.Random, difficulty: int = 1) -> dict:
     return dict(rng.choice(question_space(difficulty)))
 
 
-class WebSearchEnv(Env):
+class WebSearchEnv(GeneratedEnv):
     """Agentic: the tools are `search` and `open` (`tools`, for `get_scaffold(name, env.tools)`);
     `episode(task)` yields the episode's tools object (`make_tools`), and the submitted answer is
     scored by `verify` (normalized exact match; F1 in the info)."""
@@ -151,8 +134,8 @@ class WebSearchEnv(Env):
         self.eval_fraction = getattr(cfg, "eval_fraction", 0.2)
         self.top_k = getattr(cfg, "websearch_top_k", TOP_K)
 
-    def _held_out(self, row: dict) -> bool:
-        return int(row["task_id"].split("-")[1], 16) / 2**48 < self.eval_fraction
+    def generate_row(self, rng: random.Random) -> dict:
+        return generate(rng, self.difficulty)
 
     @staticmethod
     def to_task(row: dict) -> Task:
@@ -175,15 +158,9 @@ class WebSearchEnv(Env):
     def oracle_actions(self, task: Task) -> list[Action]:
         return oracle_actions(task.meta)
 
-    def sample(self, rng: random.Random) -> Task:
-        while True:
-            row = generate(rng, self.difficulty)
-            if not self._held_out(row):
-                return self.to_task(row)
-
     def eval_tasks(self, n: int) -> list[Task]:
         """The first n held-out questions (fewer if the question space holds fewer)."""
-        rows = [r for r in question_space(self.difficulty) if self._held_out(r)]
+        rows = [r for r in question_space(self.difficulty) if held_out(r["task_id"], self.eval_fraction)]
         return [self.to_task(r) for r in rows[:n]]
 
     def demonstration(self, task: Task) -> str:

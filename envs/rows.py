@@ -1,0 +1,42 @@
+"""Task files and splits shared by the domains: JSONL rows checked field by field, and a stable
+hash split between training and held-out tasks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+
+class TaskFormatError(ValueError):
+    """A malformed task row; the message names the file, line and field."""
+
+
+def check_fields(row, where: str, required: dict[str, type], optional: dict[str, type] | None = None) -> None:
+    if not isinstance(row, dict):
+        raise TaskFormatError(f"{where}: a task row must be a JSON object")
+    for field, kind in required.items():
+        if field not in row:
+            raise TaskFormatError(f"{where}: field {field!r} is missing")
+    for field, kind in {**required, **(optional or {})}.items():
+        if field in row and not isinstance(row[field], kind):
+            raise TaskFormatError(f"{where}: field {field!r} must be {kind.__name__}")
+
+
+def read_jsonl(path: str | Path, parse_row) -> list:
+    """`parse_row(row, where)` applied to every non-blank line; `where` is `path:line`."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TaskFormatError(f"{path}:{n}: not JSON ({err.msg})") from None
+            out.append(parse_row(row, f"{path}:{n}"))
+    return out
+
+
+def held_out(task_id: str, fraction: float) -> bool:
+    """Whether a task belongs to the held-out share: a stable hash of its id, whatever its seed."""
+    digest = hashlib.blake2b(task_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
