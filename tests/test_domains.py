@@ -99,3 +99,9 @@ async def test_smollm2_episode_keeps_what_the_engine_produced(world, domain):
     for node in tree.nodes[1:]:
         if not node.loss_mask.any():
             assert node.meta["role"] == "observation" and not node.logprobs.any()
+    # scoring the whole path in one forward gives the log-probs recorded turn by turn
+    (path,) = tree.paths()
+    n = len(episode.prompt)
+    scored = engine.score([episode.prompt], [path.tokens[n:].tolist()])[0]
+    mask = path.loss_mask[n:].astype(bool)
+    assert np.allclose(scored[mask], path.logprobs[n:][mask], atol=1e-4)

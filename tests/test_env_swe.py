@@ -122,7 +122,7 @@ def test_loader_errors_name_file_line_and_field(tmp_path, synthesized):
     _, tasks, _ = synthesized
     good = json.dumps(tasks[0].to_row())
     cases = {
-        "not json": ("{oops", ":2: not valid JSON"),
+        "not json": ("{oops", ":2: not JSON"),
         "missing": (json.dumps({k: v for k, v in tasks[0].to_row().items() if k != "patch"}), ":2: missing field 'patch'"),
         "type": (json.dumps({**tasks[0].to_row(), "FAIL_TO_PASS": "tests/x.py::t"}), ":2: field 'FAIL_TO_PASS'"),
         "empty f2p": (json.dumps({**tasks[0].to_row(), "FAIL_TO_PASS": []}), ":2: field 'FAIL_TO_PASS' is empty"),

@@ -29,7 +29,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from envs.rows import TaskFormatError
+from envs.rows import TaskFormatError, read_jsonl
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_REPO = Path(__file__).resolve().parent / "sample_repo"
@@ -124,23 +124,16 @@ def task_from_row(row, where: str = "<row>") -> SWETask:
 
 def load_tasks(path: str | os.PathLike) -> list[SWETask]:
     """Read and validate a tasks JSONL file (blank lines are skipped; ids must be unique)."""
-    tasks, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskFormatError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            task = task_from_row(row, where)
-            if task.instance_id in seen:
-                raise TaskFormatError(f"{where}: field 'instance_id' {task.instance_id!r} repeats line "
-                                      f"{seen[task.instance_id]}")
-            seen[task.instance_id] = lineno
-            tasks.append(task)
-    return tasks
+    seen: dict[str, str] = {}
+
+    def parse(row, where: str) -> SWETask:
+        task = task_from_row(row, where)
+        if task.instance_id in seen:
+            raise TaskFormatError(f"{where}: field 'instance_id' {task.instance_id!r} repeats {seen[task.instance_id]}")
+        seen[task.instance_id] = where
+        return task
+
+    return read_jsonl(path, parse)
 
 
 def write_tasks(path: str | os.PathLike, tasks: list[SWETask]) -> None:
@@ -149,29 +142,22 @@ def write_tasks(path: str | os.PathLike, tasks: list[SWETask]) -> None:
             f.write(json.dumps(t.to_row()) + "\n")
 
 
+def _prediction(row, where: str) -> tuple[str, str]:
+    if not isinstance(row, dict):
+        raise TaskFormatError(f"{where}: a prediction must be a JSON object")
+    if not isinstance(row.get("instance_id"), str):
+        raise TaskFormatError(f"{where}: missing field 'instance_id' (a str)")
+    if "model_patch" not in row:
+        raise TaskFormatError(f"{where}: missing field 'model_patch'")
+    patch = row["model_patch"]
+    if patch is not None and not isinstance(patch, str):
+        raise TaskFormatError(f"{where}: field 'model_patch' must be a str or null")
+    return row["instance_id"], patch or ""
+
+
 def load_predictions(path: str | os.PathLike) -> dict[str, str]:
     """Predictions JSONL: rows with `instance_id` and `model_patch` (null counts as empty)."""
-    preds: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskFormatError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise TaskFormatError(f"{where}: a prediction must be a JSON object")
-            if not isinstance(row.get("instance_id"), str):
-                raise TaskFormatError(f"{where}: missing field 'instance_id' (a str)")
-            patch = row.get("model_patch", None)
-            if "model_patch" not in row:
-                raise TaskFormatError(f"{where}: missing field 'model_patch'")
-            if patch is not None and not isinstance(patch, str):
-                raise TaskFormatError(f"{where}: field 'model_patch' must be a str or null")
-            preds[row["instance_id"]] = patch or ""
-    return preds
+    return dict(read_jsonl(path, _prediction))
 
 
 # -- repository state ----------------------------------------------------------------------------
