@@ -12,7 +12,7 @@ from rayrl.sandbox.base import Profile
 from rayrl.sandbox.client import PoolClient
 from rayrl.sandbox.pool import SandboxPool
 from rayrl.tree import TrajectoryTree
-from tests.replay_policy import ReplayPolicy
+from rayrl.rollout.replay import ReplayPolicy
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from rayrl.models import chat_prompt_ids, load_tokenizer, resolve_model_path
 from rayrl.rollout.agent import EpisodeLimits, TurnTemplate, run_episode
 from rayrl.rollout.engine import SamplingParams
 from rayrl.rollout.scaffolds import Action, get_scaffold
-from tests.replay_policy import ReplayPolicy
+from rayrl.rollout.replay import ReplayPolicy
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from rayrl.rollout.scaffolds import Action, JSONScaffold, XMLScaffold
 from rayrl.sandbox.base import Profile
 from rayrl.sandbox.client import PoolClient
 from rayrl.sandbox.pool import SandboxPool
-from tests.replay_policy import ReplayPolicy
+from rayrl.rollout.replay import ReplayPolicy
 
 
 @pytest.fixture(scope="module")
