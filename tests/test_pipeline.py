@@ -12,24 +12,24 @@ from tests.test_config import RECIPE_YAML
 def test_async_grpo_raises_held_out_reward(ray_session, tmp_path):
     from rayrl.pipeline import run
     cfg = load(GRPOConfig, str(RECIPE_YAML), [
-        "task.eval_size=100", "trainer.sft.steps=400", "trainer.total_steps=30",
+        "task.eval_size=200", "trainer.sft.steps=400", "trainer.total_steps=50",
         "trainer.eval.every=0", "replay.max_staleness=2", "learner.num_workers=2", "learner.zero_stage=2",
-        f"run.dir={tmp_path}", "run.progress=false", "trainer.ckpt_every=15"])
+        f"run.dir={tmp_path}", "run.progress=false", "trainer.ckpt_every=25"])
     summary = run(cfg)
 
-    assert summary["eval_after"] >= summary["eval_before"] + 0.15, summary
+    assert summary["eval_after"] >= summary["eval_before"] + 0.10, summary
     steps = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     rl = [s for s in steps if s.get("phase") != "sft"]
-    assert [s["step"] for s in rl] == list(range(1, 31))
+    assert [s["step"] for s in rl] == list(range(1, 51))
     assert all(s["staleness_max"] <= 2 for s in rl)
     assert max(s["staleness_max"] for s in rl) >= 1, "the loop never ran ahead of the learner"
-    first, last = rl[:5], rl[-5:]
+    first, last = rl[:10], rl[-10:]
     assert sum(s["reward_mean"] for s in last) > sum(s["reward_mean"] for s in first)
     for key in ("learner/is_weight_mean", "learner/mismatch_kl", "learner/is_masked_frac", "learner/clip_frac"):
         assert key in rl[-1]
     saved = json.load(open(tmp_path / "summary.json"))
     assert saved["eval_before"] == summary["eval_before"] and saved["eval_after"] == summary["eval_after"]
-    assert (tmp_path / "checkpoints" / "step_15" / "config.json").exists()
+    assert (tmp_path / "checkpoints" / "step_25" / "config.json").exists()
     assert (tmp_path / "checkpoints" / "final" / "trainer_state.json").exists()
 
 
