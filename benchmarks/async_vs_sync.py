@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
     speedup = asyn["samples_per_s"] / sync["samples_per_s"]
     print(f"\nenvironment step latency: {latency}; {steps} steps of 16 groups x 8 samples; first step excluded")
     print(f"{'mode':<22}{'samples/s':>12}{'learner busy':>15}{'mean staleness':>17}")
-    for name, r in ((f"sync (staleness 0)", sync), (f"async (staleness {staleness})", asyn)):
+    for name, r in (("sync (staleness 0)", sync), (f"async (staleness {staleness})", asyn)):
         print(f"{name:<22}{r['samples_per_s']:>12.1f}{r['learner_busy']:>15.2f}{r['staleness_mean']:>17.2f}")
     print(f"speedup async/sync: {speedup:.2f}x (target >= 2.5)")
     print(json.dumps({"speedup": round(speedup, 3), "learner_busy": round(asyn["learner_busy"], 3),

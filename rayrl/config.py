@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf  # noqa: F401  (MISSING re-exported for recipes)
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 

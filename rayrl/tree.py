@@ -15,7 +15,7 @@ from __future__ import annotations
 import operator
 import pickle
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Iterator
 
 import msgpack
 import numpy as np

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import secrets
 
-from rayrl.sandbox.base import ExecResult, Limits, Outcome, Profile, SandboxInfraError
+from rayrl.sandbox.base import ExecResult, Limits, Outcome, Profile
 from rayrl.sandbox.client import PoolClient  # noqa: F401  (re-exported for envs.code)
 
 from envs.code.tasks import CodeTask
