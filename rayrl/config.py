@@ -67,6 +67,8 @@ class TaskConfig:
     general_difficulty: int = 2       # general: constraints per instruction task
     general_math_fraction: float = 0.5
     webcoding_difficulty: int = 1     # webcoding: checks per generated page
+    swe_source: str = "generated"     # swe: generated (small repos made per task) | sample_repo (mutations) | a JSONL path
+    swe_difficulty: int = 1           # swe: generated tasks; 0 = tiny mode (see envs/swe)
 
 
 @dataclass

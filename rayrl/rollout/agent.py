@@ -153,3 +153,21 @@ async def play_task(env, task, generate, tokenizer, scaffold_name: str, params: 
         episode = await run_episode(generate, tokenizer, scaffold, prompt, tools, params, limits, template)
         reward, info = await env.score(task, episode.answer, tools)
     return episode, reward, {**info, "end_reason": episode.end_reason}
+
+
+async def oracle_episode(env, task, tokenizer, scaffold_name: str, stop_id: int, limits: EpisodeLimits) -> Episode:
+    """The oracle's actions played through the real tools: a demonstration with true observations.
+
+    Not scored: only the tokens are needed (for SFT), and they are the ones a model would have to
+    produce and see."""
+    from rayrl.models import chat_prompt_ids
+    from rayrl.rollout.replay import ReplayPolicy
+    from rayrl.rollout.scaffolds import get_scaffold
+    scaffold = get_scaffold(scaffold_name, env.tools)
+    turns = [scaffold.render(a) for a in env.oracle_actions(task)]
+    policy = ReplayPolicy(tokenizer, turns, stop_id, version=NOT_SAMPLED)
+    prompt = chat_prompt_ids(tokenizer, task.prompt, system=scaffold.system_prompt())
+    params = SamplingParams(stop_token_ids=(stop_id,))
+    async with env.episode(task) as tools:
+        return await run_episode(policy, tokenizer, scaffold, prompt, tools, params, limits,
+                                 TurnTemplate(tokenizer, stop_ids=(stop_id,)))
