@@ -54,6 +54,10 @@ class Env(abc.ABC):
         """Reward in [0, 1] and its breakdown. Raises SandboxInfraError when the infrastructure
         (not the response) failed, so the sample is not scored as the model's fault."""
 
+    def for_task(self, task: Task) -> "Env":
+        """The environment that owns `task` (itself; a mixture returns the task's domain)."""
+        return self
+
     @contextlib.asynccontextmanager
     async def episode(self, task: Task):
         """The tools object of one episode (anything with `async run(action) -> str`), set up for

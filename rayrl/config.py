@@ -48,7 +48,7 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "arith"               # a task environment of envs/
+    name: str = "arith"               # a task environment of envs/, or several separated by commas (mixed)
     max_operand: int = 99             # arith: operands are drawn from [0, max_operand]
     ops: str = "+"                    # arith: operators to draw from
     eval_size: int = 200              # held-out prompts (disjoint from training prompts)
@@ -76,7 +76,10 @@ class RolloutConfig:
     engine: str = "torch"
     num_generators: int = 1
     group_size: int = 8
-    max_new_tokens: int = 8
+    max_new_tokens: int = 8           # per model turn
+    scaffold: str = "none"            # none: one answer turn | xml | json: multi-turn agent loop with tools
+    max_turns: int = 8                # agent loop: model turns per episode
+    max_episode_tokens: int = 1024    # agent loop: sampled plus observation tokens after the prompt
     temperature: float = 1.0
     top_p: float = 1.0
     max_batch: int = 256              # sequences per engine forward
@@ -145,6 +148,24 @@ class TrainerConfig:
 
 
 @dataclass
+class DistillConfig:
+    steps: int = 40                   # student updates of on-policy distillation
+    lr: float = 5e-4
+    rl_weight: float = 0.0            # weight of the environment-reward advantage added to the teacher's
+    teacher_cpus: float = 0.25        # Ray CPUs reserved per teacher
+    baseline: bool = True             # also off-policy distillation (SFT on teacher samples), same updates
+    baseline_lr: float = 1e-3         # its SFT learning rate
+
+
+@dataclass
+class UnifySpec:
+    domains: list[str] = field(default_factory=lambda: ["swe", "webcoding", "terminal", "websearch", "general"])
+    experts: dict[str, str] = field(default_factory=dict)   # domain: checkpoint to reuse instead of training
+    reuse: str = ""                   # an earlier run directory whose experts/<domain> checkpoints to reuse
+    student_sft_steps: int = 40       # the student's warm start on mixed-domain demonstrations
+
+
+@dataclass
 class GRPOConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -156,10 +177,19 @@ class GRPOConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+@dataclass
+class UnifyConfig(GRPOConfig):
+    """Specialize-then-Unify: the GRPO sections configure each expert's training; `unify` and
+    `distill` the student."""
+    unify: UnifySpec = field(default_factory=UnifySpec)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+DOMAIN_NAMES = ("arith", "code", "terminal", "websearch", "math", "general", "webcoding", "swe")
 _CHOICES = {
-    "task.name": ("arith", "code", "terminal", "websearch", "math", "general", "webcoding"),
     "model.tiny.family": ("llama", "qwen2"),
     "rollout.engine": ("torch",),
+    "rollout.scaffold": ("none", "xml", "json"),
     "learner.backend": ("auto", "gloo", "nccl"),
     "learner.loss.aggregation": ("token_mean", "seq_mean", "constant"),
     "learner.loss.advantage": ("grpo", "dr_grpo"),
@@ -171,6 +201,8 @@ _MINIMUM = {  # key: smallest allowed value
     "replay.max_staleness": 0, "replay.capacity": 1, "learner.num_workers": 1,
     "learner.micro_batch_tokens": 1, "trainer.total_steps": 0, "trainer.groups_per_step": 1,
     "trainer.sft.steps": 0, "trainer.sft.batch_size": 1, "trainer.lr": 0.0, "task.eval_size": 1,
+    "rollout.max_turns": 1, "rollout.max_episode_tokens": 1, "distill.steps": 0, "distill.lr": 0.0,
+    "unify.student_sft_steps": 0,
 }
 
 
@@ -180,7 +212,19 @@ def _get(cfg, dotted: str):
     return cfg
 
 
+def _check_domains(key: str, names) -> None:
+    unknown = [n for n in names if n not in DOMAIN_NAMES]
+    if unknown or not names:
+        raise ConfigError(f"{key}={','.join(names)!r}: {', '.join(unknown) or 'no domain'} is not one of "
+                          f"{', '.join(DOMAIN_NAMES)}")
+
+
 def validate(cfg) -> None:
+    _check_domains("task.name", [n.strip() for n in cfg.task.name.split(",") if n.strip()])
+    if hasattr(cfg, "unify"):
+        _check_domains("unify.domains", list(cfg.unify.domains))
+        for name in cfg.unify.experts:
+            _check_domains("unify.experts", [name])
     for key, choices in _CHOICES.items():
         try:
             value = _get(cfg, key)
@@ -206,13 +250,15 @@ def validate(cfg) -> None:
         pass
 
 
-def load(schema: type, yaml_path: str | None = None, argv: list[str] | None = None):
-    """Defaults of `schema` <- YAML file <- `key=value` overrides; returns the typed object."""
+def load(schema: type, yaml_path: str | list[str] | None = None, argv: list[str] | None = None):
+    """Defaults of `schema` <- YAML file(s), in order <- `key=value` overrides; returns the typed object."""
     base = OmegaConf.structured(schema)
     layers = []
+    yaml_paths = [yaml_path] if isinstance(yaml_path, str) else list(yaml_path or [])
+    yaml_path = ", ".join(yaml_paths)
     try:
-        if yaml_path:
-            layers.append(OmegaConf.load(yaml_path))
+        for path in yaml_paths:
+            layers.append(OmegaConf.load(path))
         for arg in argv or []:
             if "=" not in arg:
                 raise ConfigError(f"argument {arg!r} is not key=value (example: trainer.total_steps=20)")

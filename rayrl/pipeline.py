@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import ray
 
-from envs import make_env
 from rayrl.config import expand, to_dict
 from rayrl.learner.group import LearnerGroup
 from rayrl.metrics import MetricsLogger
-from rayrl.models import chat_prompt_ids, load_tokenizer, resolve_model_path
+from rayrl.models import load_tokenizer, resolve_model_path
 from rayrl.replay.buffer import ReplayBuffer
 from rayrl.reward.grader import RewardGrader
 from rayrl.rollout.generator import RolloutGenerator
-from rayrl.tree import TrajectoryTree, summarize
 
 
 def init_ray(run_cfg) -> None:
@@ -63,17 +60,14 @@ def spawn(cfg, model_path: str) -> Roles:
     return Roles(generators, graders, buffer, learner)
 
 
-def sft_batches(env, tokenizer, cfg, rng: random.Random):
-    """Oracle demonstrations as trees: the prompt at the root, the answer as a loss-masked child."""
-    for _ in range(cfg.trainer.sft.steps):
-        batch = []
-        for _ in range(cfg.trainer.sft.batch_size):
-            task = env.sample(rng)
-            prompt = chat_prompt_ids(tokenizer, task.prompt)
-            answer = tokenizer.encode(env.demonstration(task), add_special_tokens=False) + [tokenizer.eos_token_id]
-            tree = TrajectoryTree(prompt)
-            tree.add(0, answer, loss_mask=np.ones(len(answer), np.uint8))
-            batch.append((summarize(tree), ray.put(tree)))
+def sft_batches(generators: list, batch_size: int, steps: int, seed: int):
+    """Oracle demonstrations from the generators (which own the environments and their tools),
+    one batch per step, the next batch made while the learner trains on the current one."""
+    refs = [generators[i % len(generators)].demonstrations.remote(batch_size, seed + i) for i in range(min(2, steps))]
+    for step in range(steps):
+        batch = ray.get(refs.pop(0))
+        if step + 2 < steps:
+            refs.append(generators[(step + 2) % len(generators)].demonstrations.remote(batch_size, seed + step + 2))
         yield batch
 
 
@@ -81,54 +75,79 @@ class Trainer:
     def __init__(self, cfg, roles: Roles, model_path: str):
         self.cfg, self.roles, self.model_path = cfg, roles, model_path
         self.version = 0
-        self.eval_tasks = [vars(t) for t in make_env(cfg.task).eval_tasks(cfg.task.eval_size)]
+        self.eval_tasks = ray.get(roles.generators[0].eval_tasks.remote(cfg.task.eval_size))
 
     def publish(self) -> None:
         ref = self.roles.learner.publish()
         ray.get([g.set_weights.remote(self.version, [ref]) for g in self.roles.generators])
         ray.get(self.roles.buffer.set_version.remote(self.version))
 
-    def evaluate(self) -> float:
+    def evaluate_domains(self) -> dict[str, float]:
+        """Held-out score per domain (episodes the infrastructure failed under are left out)."""
         gens = self.roles.generators
         shards = [self.eval_tasks[i::len(gens)] for i in range(len(gens))]
         scores = ray.get([g.evaluate.remote(s, self.cfg.trainer.eval.temperature) for g, s in zip(gens, shards)])
-        return float(np.mean([x for s in scores for x in s]))
+        by_domain: dict[str, list[float]] = {}
+        for shard, values in zip(shards, scores):
+            for task, value in zip(shard, values):
+                if value is not None:
+                    by_domain.setdefault(task["domain"], []).append(value)
+        return {d: float(np.mean(v)) for d, v in sorted(by_domain.items())}
+
+    def evaluate(self) -> float:
+        """Mean held-out score over the domains."""
+        return float(np.mean(list(self.evaluate_domains().values())))
 
     def next_batch(self, runs: list) -> list:
-        """Wait for a fresh batch; a generator that died raises here instead of hanging the run."""
+        """Wait for a fresh batch; a generator that died raises here instead of hanging the run,
+        and a long wait says what the buffer has seen (e.g. every group dropped for zero variance)."""
+        start = notice = time.monotonic()
         while True:
             batch = ray.get(self.roles.buffer.get.remote(self.cfg.trainer.groups_per_step, self.version))
             if batch is not None:
                 return batch
+            if time.monotonic() - notice > 60:
+                notice = time.monotonic()
+                print(f"still waiting for {self.cfg.trainer.groups_per_step} groups after {notice - start:.0f} s; "
+                      f"buffer: {ray.get(self.roles.buffer.stats.remote())}", flush=True)
             done, _ = ray.wait(runs, timeout=0)
             if done:
                 ray.get(done)
                 raise RuntimeError("a rollout generator stopped unexpectedly")
 
-    def warm_start(self, log: MetricsLogger, progress) -> None:
-        """SFT on oracle demonstrations; publishes the result as a new version."""
-        cfg = self.cfg
-        env, tokenizer = make_env(cfg.task, cfg.run.seed), load_tokenizer(self.model_path)
-        for step, batch in enumerate(sft_batches(env, tokenizer, cfg, random.Random(cfg.run.seed + 1)), 1):
-            stats = self.roles.learner.train_step(batch, "sft", cfg.trainer.sft.lr)
-            log.log(-cfg.trainer.sft.steps + step, {"phase": "sft", "sft_nll": stats["nll"]})
+    def warm_start(self, log: MetricsLogger, progress, steps: int | None = None, batches=None) -> list[dict]:
+        """SFT on oracle demonstrations (or on given `batches`); publishes the result as a new
+        version; returns the logged steps."""
+        sft = self.cfg.trainer.sft
+        steps = sft.steps if steps is None else steps
+        batches = batches or sft_batches(self.roles.generators, sft.batch_size, steps, self.cfg.run.seed * 7919 + 1)
+        history = []
+        for step, batch in enumerate(batches, 1):
+            stats = self.roles.learner.train_step(batch, "sft", sft.lr)
+            history.append(log.log(-steps + step, {"phase": "sft", "sft_nll": stats["nll"]}))
             progress.update(1)
             progress.set_postfix(nll=f"{stats['nll']:.3f}")
         self.version += 1
         self.publish()
+        return history
 
-    def train_rl(self, log: MetricsLogger, progress) -> list[dict]:
-        """The asynchronous loop. With replay.max_staleness=0 the buffer makes it synchronous."""
+    def train_rl(self, log: MetricsLogger, progress, steps: int | None = None, lr: float | None = None,
+                 teachers: dict | None = None, rl_weight: float = 0.0) -> list[dict]:
+        """The asynchronous loop. With replay.max_staleness=0 the buffer makes it synchronous.
+        With `teachers` ({domain: Teacher actor}) it is on-policy distillation: the teachers score
+        the student's samples and the learner's advantages come from them."""
         cfg, roles = self.cfg, self.roles
+        steps = cfg.trainer.total_steps if steps is None else steps
+        lr, kind = cfg.trainer.lr if lr is None else lr, "distill" if teachers else "rl"
         # Enough episodes in flight to fill every step the staleness bound lets generators run ahead.
         concurrency = -(-cfg.trainer.groups_per_step * (cfg.replay.max_staleness + 1) // len(roles.generators))
-        runs = [g.run.remote(roles.buffer, roles.graders, concurrency) for g in roles.generators]
+        runs = [g.run.remote(roles.buffer, roles.graders, concurrency, teachers) for g in roles.generators]
         history, self._gen_tokens = [], self.generator_stats()["gen_tokens"]
-        for step in range(1, cfg.trainer.total_steps + 1):
+        for step in range(1, steps + 1):
             tick = time.perf_counter()
             batch = self.next_batch(runs)                  # fresh groups, each handed out once
             got = time.perf_counter()
-            stats = roles.learner.train_step(batch, "rl", cfg.trainer.lr)
+            stats = roles.learner.train_step(batch, kind, lr, rl_weight)
             learned = time.perf_counter()
             self.version += 1
             self.publish()                                 # generators swap it in between episodes
@@ -153,6 +172,7 @@ class Trainer:
         gen = self.generator_stats()
         gen_tokens, self._gen_tokens = gen["gen_tokens"] - self._gen_tokens, gen["gen_tokens"]
         return {
+            **domain_stats([m for m, _ in batch]),
             "reward_mean": float(np.mean(rewards)), "staleness_mean": float(np.mean(staleness)),
             "staleness_max": max(staleness), "samples": len(rewards), **timing,
             "infra_failures": sum(m["infra_failures"] for m, _ in batch),   # samples kept out of the loss
@@ -176,13 +196,37 @@ class Trainer:
         return path
 
 
-def archive_previous_run(run_dir: str) -> None:
-    """A run directory that already holds a run is moved aside (never overwritten or mixed)."""
+def domain_stats(metas: list[dict]) -> dict:
+    """Per-domain reward, sampled tokens and (for teacher-scored groups) reverse KL to the teacher;
+    plus the batch's reverse KL. Empty for a single-domain batch without teachers."""
+    domains = sorted({m["domain"] for m in metas})
+    scored = [m for m in metas if m["teacher_tokens"]]
+    if len(domains) < 2 and not scored:
+        return {}
+    out = {}
+    for d in domains:
+        mine = [m for m in metas if m["domain"] == d]
+        rewards = [r for m in mine for r in m["rewards"] if r is not None]
+        out[f"domain/{d}/reward"] = float(np.mean(rewards)) if rewards else float("nan")
+        out[f"domain/{d}/tokens"] = sum(m["loss_tokens"] for m in mine)
+        teacher_tokens = sum(m["teacher_tokens"] for m in mine)
+        if teacher_tokens:
+            out[f"domain/{d}/reverse_kl"] = sum(m["reverse_kl_sum"] for m in mine) / teacher_tokens
+    if scored:
+        out["reverse_kl"] = sum(m["reverse_kl_sum"] for m in scored) / sum(m["teacher_tokens"] for m in scored)
+    return out
+
+
+def archive_previous_run(run_dir: str) -> str | None:
+    """A run directory that already holds a run is moved aside (never overwritten or mixed);
+    returns where it went."""
     if os.path.isdir(run_dir) and os.listdir(run_dir):
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(run_dir)))
         target = f"{run_dir}.{stamp}"
         os.rename(run_dir, target)
         print(f"run.dir {run_dir} held an earlier run: moved it to {target}")
+        return target
+    return None
 
 
 def run(cfg) -> dict:

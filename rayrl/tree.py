@@ -2,10 +2,12 @@
 
 A tree holds one prompt group. Node 0 is the root (the prompt). Every node carries a token
 segment with, per token, the behaviour log-prob, a loss mask (1 = sampled by the model) and the
-policy version that sampled it. Leaves carry the reward, its breakdown, the advantage and whether
-the episode failed for an infrastructure reason. Each root-to-leaf path is one sample.
+policy version that sampled it; for on-policy distillation a teacher adds its log-prob of every
+token (`teacher_logprobs`, None until scored). Leaves carry the reward, its breakdown, the advantage
+and whether the episode failed for an infrastructure reason. Each root-to-leaf path is one sample.
 
-The wire format is msgpack; the arrays of all nodes travel as four contiguous raw buffers, and a
+The wire format is msgpack; the arrays of all nodes travel as contiguous raw buffers (a fifth for
+teacher log-probs when the tree has them), and a
 decoded tree's arrays are zero-copy views into the received bytes. Trees pickle through the same
 codec (out-of-band with protocol 5), so `ray.put` / `ray.get` never pickles an array.
 """
@@ -20,6 +22,8 @@ from typing import Iterator
 import msgpack
 import numpy as np
 
+from rayrl.algo.distill import reverse_kl
+
 TOKEN_DTYPE = np.int32
 LOGPROB_DTYPE = np.float32
 MASK_DTYPE = np.uint8
@@ -28,7 +32,8 @@ NOT_SAMPLED = -1  # version of tokens the model did not sample (prompt, tool out
 
 _ARRAY_FIELDS = (("tokens", TOKEN_DTYPE), ("logprobs", LOGPROB_DTYPE),
                  ("loss_mask", MASK_DTYPE), ("versions", VERSION_DTYPE))
-_CODEC_VERSION = 2  # 2: columns aligned to 8 bytes
+_TEACHER_FIELD = ("teacher_logprobs", LOGPROB_DTYPE)   # a fifth column, only in teacher-scored trees
+_CODEC_VERSION = 3  # 2: columns aligned to 8 bytes; 3: optional teacher column
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Node:
     reward_info: dict = field(default_factory=dict)
     advantage: float | None = None
     infra_failure: bool = False
+    teacher_logprobs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -61,6 +67,8 @@ class Path:
     reward: float | None
     advantage: float | None
     infra_failure: bool
+    teacher_logprobs: np.ndarray | None = None
+    domain: str = ""
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -140,6 +148,9 @@ class TrajectoryTree:
                 return False
             if not all(np.array_equal(getattr(a, f), getattr(b, f)) for f, _ in _ARRAY_FIELDS):
                 return False
+            if (a.teacher_logprobs is None) != (b.teacher_logprobs is None) or \
+                    (a.teacher_logprobs is not None and not np.array_equal(a.teacher_logprobs, b.teacher_logprobs)):
+                return False
         return True
 
     def __repr__(self) -> str:
@@ -154,26 +165,43 @@ class TrajectoryTree:
         return decode, (bytes(data),)
 
 
+def domain_of(tree: TrajectoryTree) -> str:
+    """The domain of the tree's task (trees made by the generators carry it), else ""."""
+    task = tree.meta.get("task")
+    return task.get("domain", "") if isinstance(task, dict) else ""
+
+
 def iter_paths(tree: TrajectoryTree) -> Iterator[Path]:
+    domain = domain_of(tree)
     for leaf in tree.leaves():
         chain = [tree.nodes[i] for i in tree.ancestry(leaf)]
         node = tree.nodes[leaf]
+        teacher = None
+        if all(c.teacher_logprobs is not None for c in chain):
+            teacher = np.concatenate([c.teacher_logprobs for c in chain])
         yield Path(*(np.concatenate([getattr(c, f) for c in chain]) for f, _ in _ARRAY_FIELDS),
                    leaf=leaf, reward=node.reward, advantage=node.advantage,
-                   infra_failure=node.infra_failure)
+                   infra_failure=node.infra_failure, teacher_logprobs=teacher, domain=domain)
 
 
 def summarize(tree: TrajectoryTree) -> dict:
     """The small record the replay buffer and the learner group decide on without the tree."""
     paths = tree.paths()
+    scored = [p for p in paths if p.teacher_logprobs is not None and not p.infra_failure]
+    sampled = [p.loss_mask.astype(bool) for p in scored]
     return {
         "id": tree.meta.get("group_id"),
+        "domain": domain_of(tree),
         "min_version": tree.min_version,
         "rewards": [p.reward for p in paths],
         "infra_failures": sum(p.infra_failure for p in paths),
         "num_paths": len(paths),
         "num_tokens": int(sum(len(p) for p in paths)),
         "loss_tokens": int(sum(int(p.loss_mask.sum()) for p in paths if not p.infra_failure)),
+        # sum over sampled tokens of log pi_student - log pi_teacher (a reverse-KL estimate)
+        "reverse_kl_sum": float(sum(reverse_kl(p.logprobs, p.teacher_logprobs, m) * m.sum()
+                                    for p, m in zip(scored, sampled))),
+        "teacher_tokens": int(sum(m.sum() for m in sampled)),
     }
 
 
@@ -189,10 +217,10 @@ def _pad(n: int) -> int:
     return n + (-n % _ALIGN)
 
 
-def _column_offsets(hlen: int, total: int) -> list[int]:
+def _column_offsets(hlen: int, total: int, teacher: bool) -> list[int]:
     """Start of each column, and (as the last entry) the end of the encoded tree."""
     offsets = [_pad(8 + hlen)]
-    for _, dt in _ARRAY_FIELDS:
+    for _, dt in _ARRAY_FIELDS + (_TEACHER_FIELD,) * teacher:
         offsets.append(offsets[-1] + _pad(total * np.dtype(dt).itemsize))
     return offsets
 
@@ -223,17 +251,22 @@ def encode(tree: TrajectoryTree) -> bytearray:
     columns = [[n.tokens for n in nodes], [n.logprobs for n in nodes],
                [n.loss_mask for n in nodes], [n.versions for n in nodes]]
     lengths = np.fromiter(map(len, columns[0]), dtype=np.int64, count=len(nodes))
+    teacher = any(n.teacher_logprobs is not None for n in nodes)
+    if teacher:   # nodes the teacher did not score (the prompt) travel as zeros
+        columns.append([n.teacher_logprobs if n.teacher_logprobs is not None else np.zeros(len(n), LOGPROB_DTYPE)
+                        for n in nodes])
     header = msgpack.packb({
         "v": _CODEC_VERSION,
+        "teacher": teacher,
         "meta": tree.meta,
         "lengths": lengths.tobytes(),
         "nodes": [[n.parent, n.meta, n.reward, n.reward_info, n.advantage, n.infra_failure]
                   for n in nodes],
     }, use_bin_type=True, default=_msgpack_default)
     total = int(lengths.sum())
-    offsets = _column_offsets(len(header), total)
+    offsets = _column_offsets(len(header), total, teacher)
     parts = [len(header).to_bytes(8, "little"), header, bytes(offsets[0] - 8 - len(header))]
-    for column, dtype, start, end in zip(columns, _DTYPES, offsets, offsets[1:]):
+    for column, dtype, start, end in zip(columns, _DTYPES + [_DTYPES[1]], offsets, offsets[1:]):
         column = _column_parts(column, dtype)
         parts.extend(column)
         parts.append(bytes(end - start - total * dtype.itemsize))  # alignment padding
@@ -268,19 +301,23 @@ def decode(data) -> TrajectoryTree:
         if len(records) != len(lengths) or (lengths < 0).any():
             raise ValueError("node table and lengths disagree")
         total = int(lengths.sum())
-        offsets = _column_offsets(hlen, total)
+        teacher = bool(header.get("teacher"))
+        offsets = _column_offsets(hlen, total, teacher)
         if offsets[-1] > len(buf):
             raise ValueError(f"{len(buf)} bytes, the arrays need {offsets[-1]}")
         columns = [np.frombuffer(buf, dtype=dt, count=total, offset=offset)
-                   for (_, dt), offset in zip(_ARRAY_FIELDS, offsets)]
+                   for (_, dt), offset in zip(_ARRAY_FIELDS + (_TEACHER_FIELD,) * teacher, offsets)]
         bounds = [0, *np.cumsum(lengths).tolist()]
-        tokens, logprobs, loss_mask, versions = columns
+        tokens, logprobs, loss_mask, versions = columns[:4]
         tree = TrajectoryTree.__new__(TrajectoryTree)
         tree.meta = header["meta"]
         # records are [parent, meta, reward, reward_info, advantage, infra_failure]: Node's field
         # order after the arrays, so they are passed positionally (the hot loop of decode).
         tree.nodes = [Node(tokens[lo:hi], logprobs[lo:hi], loss_mask[lo:hi], versions[lo:hi], *record)
                       for lo, hi, record in zip(bounds, bounds[1:], records)]
+        if teacher:
+            for node, lo, hi in zip(tree.nodes, bounds, bounds[1:]):
+                node.teacher_logprobs = columns[4][lo:hi]
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"corrupt trajectory tree (codec version {version}): {err}") from None
     return tree

@@ -36,13 +36,14 @@ class LearnerGroup:
         addr, port = ray.get(self.workers[0].address.remote())
         ray.get([w.setup.remote(addr, port, lr) for w in self.workers])
 
-    def train_step(self, batch: list[tuple[dict, ray.ObjectRef]], kind: str, lr: float) -> dict:
-        """One synchronous update on `batch` = [(group meta, tree ref)]; returns batch-level stats."""
+    def train_step(self, batch: list[tuple[dict, ray.ObjectRef]], kind: str, lr: float, rl_weight: float = 0.0) -> dict:
+        """One synchronous update on `batch` = [(group meta, tree ref)]; returns batch-level stats.
+        kind: sft | rl | distill (see LearnerWorker.train_step)."""
         metas = [m for m, _ in batch]
         totals = {"loss_tokens": sum(m["loss_tokens"] for m in metas),
                   "num_paths": sum(m["num_paths"] - m["infra_failures"] for m in metas)}
         shares = split_balanced(metas, len(self.workers))
-        results = ray.get([w.train_step.remote([batch[i][1] for i in share], kind, lr, totals)
+        results = ray.get([w.train_step.remote([batch[i][1] for i in share], kind, lr, totals, rl_weight)
                            for w, share in zip(self.workers, shares)])
         merged: dict[str, float] = {}
         for r in results:

@@ -8,6 +8,7 @@ import socket
 import numpy as np
 import torch
 
+from rayrl.algo.distill import distill_advantages
 from rayrl.algo.logprobs import gather_logprobs
 from rayrl.algo.losses import aggregate, policy_token_loss, sft_token_loss
 from rayrl.tree import Path, TrajectoryTree
@@ -19,8 +20,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pad_paths(paths: list[Path], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad paths into [B, T] tensors; position t of the shifted arrays predicts token t+1."""
+def pad_paths(paths: list[Path], pad_id: int = 0, advantages: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad paths into [B, T] tensors; position t of the shifted arrays predicts token t+1.
+
+    `advantages`: per-token advantages of each path (distillation); by default each path's
+    (sequence) advantage on every token."""
     width = max(len(p) for p in paths)
     out = {"tokens": np.full((len(paths), width), pad_id, np.int64),
            "attention": np.zeros((len(paths), width), np.int64),
@@ -33,7 +37,7 @@ def pad_paths(paths: list[Path], pad_id: int = 0) -> dict[str, torch.Tensor]:
         out["attention"][i, :n] = 1
         out["behaviour"][i, :n] = p.logprobs
         out["loss_mask"][i, :n] = p.loss_mask
-        out["advantage"][i, :n] = p.advantage or 0.0
+        out["advantage"][i, :n] = advantages[i] if advantages is not None else (p.advantage or 0.0)
     batch = {k: torch.from_numpy(v) for k, v in out.items()}
     # Labels are tokens[1:]; every per-token array is shifted to align with them.
     for k in ("behaviour", "loss_mask", "advantage"):
@@ -103,8 +107,12 @@ class LearnerWorker:
         logits = self.engine(input_ids=tokens, attention_mask=attention).logits
         return gather_logprobs(logits[:, :-1], tokens[:, 1:], self.temperature)
 
-    def train_step(self, tree_refs: list, kind: str, lr: float, totals: dict) -> dict:
+    def train_step(self, tree_refs: list, kind: str, lr: float, totals: dict, rl_weight: float = 0.0) -> dict:
         """One optimizer step on this rank's share of the batch.
+
+        kind: sft (NLL of the sampled tokens), rl (the clipped surrogate with the paths'
+        advantages) or distill (the same surrogate with per-token advantages from the teacher's
+        log-probs, plus `rl_weight` times the environment advantage).
 
         `totals` holds the whole batch's loss-token and path counts (over all ranks), so that the
         aggregated loss is the full-batch loss however it is split. DeepSpeed averages gradients
@@ -119,7 +127,14 @@ class LearnerWorker:
         batches = micro_batches(paths, self.cfg.micro_batch_tokens) if paths else []
         sums: dict[str, float] = {}
         for batch in batches:
-            loss, stats = self._micro_loss(pad_paths(batch), kind, totals)
+            advantages = None
+            if kind == "distill":
+                missing = sum(p.teacher_logprobs is None for p in batch)
+                if missing:
+                    raise ValueError(f"distill step: {missing} paths were not scored by a teacher")
+                advantages = [distill_advantages(p.logprobs, p.teacher_logprobs, p.loss_mask, p.advantage or 0.0,
+                                                 rl_weight) for p in batch]
+            loss, stats = self._micro_loss(pad_paths(batch, advantages=advantages), kind, totals)
             self.engine.backward(loss * self.world_size)
             for k, v in stats.items():
                 sums[k] = max(sums.get(k, v), v) if k.endswith("_max") else sums.get(k, 0.0) + v

@@ -1,4 +1,6 @@
-"""RewardGrader: scores finished trajectory trees with their environment's verifier."""
+"""RewardGrader: scores finished trajectory trees with their environment's verifier, and assigns
+the group's advantages. Agent episodes arrive already scored (their checker ran in the episode's
+own sandbox); their leaves are left as they are."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import asyncio
 import numpy as np
 
 from envs import Task, make_env
+from envs.pools import local_pool
 from rayrl.algo.advantages import assign_advantages
 from rayrl.sandbox.base import SandboxInfraError
 from rayrl.tree import TrajectoryTree, summarize
@@ -15,11 +18,19 @@ from rayrl.tree import TrajectoryTree, summarize
 class RewardGrader:
     def __init__(self, task_cfg, tokenizer_path: str, advantage_mode: str = "grpo"):
         from rayrl.models import load_tokenizer
-        self.env = make_env(task_cfg)
+        self.task_cfg = task_cfg
+        self._env = None
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.advantage_mode = advantage_mode
         self.graded = 0
         self.infra_failures = 0
+
+    @property
+    def env(self):
+        """Built on first use: agent episodes, scored where they ran, never need it."""
+        if self._env is None:
+            self._env = make_env(self.task_cfg, pool=local_pool(self.task_cfg))
+        return self._env
 
     def response_text(self, tree: TrajectoryTree, leaf: int) -> str:
         """Text of the model-sampled tokens on the path to `leaf` (observations excluded)."""
@@ -30,7 +41,7 @@ class RewardGrader:
 
     async def _grade_leaf(self, tree: TrajectoryTree, task: Task, leaf: int) -> None:
         node = tree.nodes[leaf]
-        if node.infra_failure:
+        if node.infra_failure or node.reward is not None:
             return
         try:
             node.reward, node.reward_info = await self.env.verify(task, self.response_text(tree, leaf))

@@ -3,6 +3,10 @@
 Many episodes are in flight at once (their environment steps overlap); their model turns are
 gathered into batched engine calls. New weights are picked up between engine calls, so every
 sampled token records the version that produced it.
+
+Two episode forms, by `rollout.scaffold`: `none`, one answer turn graded afterwards by the
+RewardGrader (the toy domains); `xml` / `json`, the multi-turn agent loop (rayrl.rollout.agent)
+with the domain's tools, scored in the episode's own sandbox before the tree leaves the generator.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from dataclasses import replace
 import numpy as np
 
 from envs import Task, make_env
+from envs.pools import local_pool
 from rayrl.models import chat_prompt_ids, load_tokenizer
+from rayrl.rollout.agent import EpisodeLimits, oracle_episode, play_task
 from rayrl.rollout.engine import Completion, SamplingParams
 from rayrl.sandbox.base import SandboxInfraError
-from rayrl.tree import TrajectoryTree
+from rayrl.tree import TrajectoryTree, summarize
 
 
 class _Batcher:
@@ -60,14 +66,21 @@ class _Batcher:
     async def _run(self, items: list) -> None:
         if self.pending_weights is not None:
             await self.apply_weights()
+        # Requests that differ only in their token budget (agent turns late in an episode have
+        # less left) share a call at the largest budget; longer outputs are cut to their own.
         by_params: dict[SamplingParams, list] = {}
         for item in items:
-            by_params.setdefault(item[1], []).append(item)
+            by_params.setdefault(replace(item[1], max_new_tokens=0), []).append(item)
         for params, group in by_params.items():
             start = time.perf_counter()
-            outs = await asyncio.to_thread(self.engine.generate, [g[0] for g in group], params)
+            budget = max(g[1].max_new_tokens for g in group)
+            outs = await asyncio.to_thread(self.engine.generate, [g[0] for g in group],
+                                           replace(params, max_new_tokens=budget))
             self.busy_s += time.perf_counter() - start
-            for (_, _, fut), out in zip(group, outs):
+            for (_, request, fut), out in zip(group, outs):
+                if len(out.tokens) > request.max_new_tokens:
+                    n = request.max_new_tokens
+                    out = Completion(out.tokens[:n], out.logprobs[:n], "length", out.version)
                 self.tokens += len(out.tokens)
                 fut.set_result(out)
 
@@ -81,12 +94,15 @@ class RolloutGenerator:
         self.cfg = rollout_cfg
         self.tokenizer = load_tokenizer(model_path)
         self.engine = TorchEngine(model_path, max_batch=rollout_cfg.max_batch, seed=seed)
-        self.env = make_env(task_cfg, seed)
+        self.pool = local_pool(task_cfg)
+        self.env = make_env(task_cfg, seed, pool=self.pool)
         self.rng = random.Random(seed)
         self.seed = seed
         self.params = SamplingParams(max_new_tokens=rollout_cfg.max_new_tokens,
                                      temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
                                      stop_token_ids=tuple(self.stop_ids()))
+        self.limits = EpisodeLimits(max_turns=rollout_cfg.max_turns, max_tokens=rollout_cfg.max_episode_tokens,
+                                    max_new_tokens=rollout_cfg.max_new_tokens)
         self.batcher = _Batcher(self.engine, rollout_cfg.max_batch)
         self._serve_task: asyncio.Task | None = None
         self._running = False
@@ -133,7 +149,36 @@ class RolloutGenerator:
         self.env_s += time.perf_counter() - start
         return completion, failure
 
+    async def _episode(self, task: Task, params: SamplingParams):
+        """One agent episode (scored in its sandbox); (Episode, reward, info) or (None, None, why) when
+        the infrastructure failed under it."""
+        try:
+            return await play_task(self.env.for_task(task), task, self.batcher.generate, self.tokenizer,
+                                   self.cfg.scaffold, params, self.limits)
+        except SandboxInfraError as err:
+            self.infra_failures += 1
+            return None, None, {"infra_error": str(err)}
+
+    async def agent_group(self, task: Task, group_id: str) -> TrajectoryTree:
+        self._ensure_serving()
+        results = await asyncio.gather(*(self._episode(task, self.params) for _ in range(self.cfg.group_size)))
+        prompt = next((e.prompt for e, _, _ in results if e is not None), None)
+        if prompt is None:
+            prompt = chat_prompt_ids(self.tokenizer, task.prompt)
+        tree = TrajectoryTree(prompt, meta={"group_id": group_id, "task": vars(task)})
+        for episode, reward, info in results:
+            if episode is None:
+                leaf = tree.add(0, [])
+                tree.nodes[leaf].infra_failure, tree.nodes[leaf].reward_info = True, info
+            else:
+                leaf = episode.add_to(tree)
+                tree.nodes[leaf].reward, tree.nodes[leaf].reward_info = float(reward), info
+        self.groups += 1
+        return tree
+
     async def rollout_group(self, task: Task, group_id: str) -> TrajectoryTree:
+        if self.cfg.scaffold != "none":
+            return await self.agent_group(task, group_id)
         self._ensure_serving()
         prompt = self.prompt_tokens(task)
         # No per-group seed: requests with equal params share engine calls, which draw from the
@@ -151,8 +196,9 @@ class RolloutGenerator:
         self.groups += 1
         return tree
 
-    async def run(self, buffer, graders: list, concurrency: int) -> int:
-        """Produce groups until stopped: admit -> roll out -> grade -> store, `concurrency` at a time."""
+    async def run(self, buffer, graders: list, concurrency: int, teachers: dict | None = None) -> int:
+        """Produce groups until stopped: admit -> roll out -> (teacher scores) -> grade -> store,
+        `concurrency` at a time. `teachers`: {domain: Teacher actor} for on-policy distillation."""
         self._running = True
         counter = iter(range(1 << 62))
 
@@ -161,7 +207,10 @@ class RolloutGenerator:
                 if not await buffer.acquire.remote():
                     continue
                 n = next(counter)
-                tree = await self.rollout_group(self.env.sample(self.rng), f"{self.seed}-{n}")
+                task = self.env.sample(self.rng)
+                tree = await self.rollout_group(task, f"{self.seed}-{n}")
+                if teachers:
+                    tree = teachers[task.domain].score.remote(tree)
                 grader = graders[n % len(graders)]
                 graded, meta = grader.grade.options(num_returns=2).remote(tree)
                 await buffer.put.remote(meta, [graded])
@@ -176,14 +225,59 @@ class RolloutGenerator:
         return {"groups": self.groups, "gen_tokens": self.batcher.tokens, "gen_busy_s": self.batcher.busy_s,
                 "env_s": self.env_s, "infra_failures": self.infra_failures, "version": self.engine.version}
 
+    async def sample_groups(self, n: int, seed: int) -> list[tuple[dict, object]]:
+        """n groups on fresh training tasks, scored (agent episodes) but not graded: samples of
+        this generator's policy, e.g. a teacher's for off-policy distillation."""
+        import ray
+        rng = random.Random(seed)
+        tasks = [self.env.sample(rng) for _ in range(n)]
+        trees = await asyncio.gather(*(self.rollout_group(t, f"{self.seed}-sample-{seed}-{i}")
+                                       for i, t in enumerate(tasks)))
+        return [(summarize(t), ray.put(t)) for t in trees]
+
+    # -- demonstrations -------------------------------------------------------------------------
+    async def demonstrations(self, n: int, seed: int) -> list[tuple[dict, TrajectoryTree]]:
+        """n oracle demonstrations as trees (loss mask on what the model would say): one answer
+        turn, or with a scaffold the oracle's actions played through the real tools."""
+        import ray
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        stop = im_end if im_end in self.params.stop_token_ids else self.tokenizer.eos_token_id
+        rng = random.Random(seed)
+        tasks = [self.env.sample(rng) for _ in range(n)]
+
+        async def one(task: Task) -> TrajectoryTree:
+            if self.cfg.scaffold == "none":
+                prompt = self.prompt_tokens(task)
+                answer = self.tokenizer.encode(self.env.demonstration(task), add_special_tokens=False)
+                answer.append(self.tokenizer.eos_token_id)
+                tree = TrajectoryTree(prompt, meta={"task": vars(task)})
+                tree.add(0, answer, loss_mask=np.ones(len(answer), np.uint8))
+                return tree
+            episode = await oracle_episode(self.env.for_task(task), task, self.tokenizer, self.cfg.scaffold, stop,
+                                           self.limits)
+            tree = TrajectoryTree(episode.prompt, meta={"task": vars(task)})
+            episode.add_to(tree)
+            return tree
+
+        trees = await asyncio.gather(*(one(t) for t in tasks))
+        return [(summarize(t), ray.put(t)) for t in trees]
+
     # -- evaluation ---------------------------------------------------------------------------
-    async def evaluate(self, tasks: list[dict], temperature: float = 0.0) -> list[float]:
-        """Reward of one sample per task (greedy by default) under the current weights."""
+    def eval_tasks(self, n: int) -> list[dict]:
+        """The held-out tasks (n per domain), as dicts for `evaluate`."""
+        return [vars(t) for t in self.env.eval_tasks(n)]
+
+    async def evaluate(self, tasks: list[dict], temperature: float = 0.0) -> list[float | None]:
+        """Reward of one sample per task (greedy by default) under the current weights; None
+        where the infrastructure failed under the episode."""
         self._ensure_serving()
         if self.batcher.pending_weights is not None:
             await self.batcher.apply_weights()
         params = replace(self.params, temperature=temperature)
         tasks = [Task(**t) for t in tasks]
+        if self.cfg.scaffold != "none":
+            results = await asyncio.gather(*(self._episode(t, params) for t in tasks))
+            return [None if reward is None else float(reward) for _, reward, _ in results]
         outs = await asyncio.gather(*(self.batcher.generate(self.prompt_tokens(t), params) for t in tasks))
         verdicts = await asyncio.gather(*(self.env.verify(t, self.tokenizer.decode(o.tokens.tolist(),
                                                                                    skip_special_tokens=True))

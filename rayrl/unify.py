@@ -1,0 +1,258 @@
+"""Specialize-then-Unify (KAT-Coder-V2): one expert per domain, merged into one student by
+on-policy distillation, with off-policy distillation as the baseline in the same run.
+
+1. Experts: for each domain, SFT on oracle demonstrations then GRPO in that domain's environment
+   (rayrl.pipeline.run), or a checkpoint reused from `unify.experts` / an earlier run.
+2. Student: a brief warm start on mixed-domain demonstrations, evaluated per domain.
+3. On-policy distillation: the student samples on mixed-domain prompts, the expert of each
+   sample's domain scores the student's tokens (a Teacher actor), the learner follows the
+   per-token reverse-KL advantage (rayrl.algo.distill) with the RL surrogate.
+4. Baseline: the same warm-started student trained by SFT on the experts' own samples, for the
+   same number of updates on the same number of samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+
+import numpy as np
+import ray
+
+from rayrl.config import expand, to_dict
+from rayrl.metrics import MetricsLogger
+from rayrl.models import resolve_model_path
+from rayrl.pipeline import Trainer, archive_previous_run, init_ray, run, spawn
+from rayrl.rollout.generator import RolloutGenerator
+from rayrl.rollout.teacher import Teacher
+
+
+def expert_config(cfg, domain: str, run_dir: str):
+    sub = copy.deepcopy(cfg)
+    sub.task.name = domain
+    sub.run.dir = os.path.join(run_dir, "experts", domain)
+    return sub
+
+
+def reused_expert(cfg, domain: str, reuse_dir: str | None) -> dict | None:
+    """An expert given by path, or found in an earlier run directory; None if there is none."""
+    if domain in cfg.unify.experts:
+        path = expand(cfg.unify.experts[domain])
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"unify.experts.{domain}={path}: not a model checkpoint (no config.json)")
+        return {"path": path, "eval": None}
+    if reuse_dir:
+        expert_dir = os.path.join(reuse_dir, "experts", domain)
+        path = os.path.join(expert_dir, "checkpoints", "final")
+        if os.path.isfile(os.path.join(path, "config.json")):
+            summary = os.path.join(expert_dir, "summary.json")
+            score = json.load(open(summary)).get("eval_after") if os.path.isfile(summary) else None
+            return {"path": path, "eval": score}
+    return None
+
+
+def train_experts(cfg, run_dir: str, reuse_dir: str | None) -> dict[str, dict]:
+    experts = {}
+    for i, domain in enumerate(cfg.unify.domains, 1):
+        found = reused_expert(cfg, domain, reuse_dir)
+        if found:
+            print(f"[{i}/{len(cfg.unify.domains)}] expert {domain}: reusing {found['path']}", flush=True)
+            experts[domain] = found
+            continue
+        print(f"[{i}/{len(cfg.unify.domains)}] expert {domain}: SFT {cfg.trainer.sft.steps} steps, "
+              f"GRPO {cfg.trainer.total_steps} steps", flush=True)
+        summary = run(expert_config(cfg, domain, run_dir))
+        print(f"expert {domain}: held-out {summary['eval_before']:.3f} after SFT, {summary['eval_after']:.3f} "
+              f"after GRPO ({summary['wall_s']:.0f} s)", flush=True)
+        experts[domain] = {"path": summary["checkpoint"], "eval": summary["eval_after"],
+                           "eval_sft": summary["eval_before"], "wall_s": summary["wall_s"]}
+    return experts
+
+
+def student_config(cfg):
+    """The GRPO sections on the domain mixture; every group counts (the teacher's signal does not
+    need reward variance)."""
+    sub = copy.deepcopy(cfg)
+    sub.task.name = ",".join(cfg.unify.domains)
+    sub.replay.filter_zero_variance = False
+    return sub
+
+
+def evaluate_experts(cfg, experts: dict[str, dict]) -> None:
+    """Held-out score of the experts that came without one (reused checkpoints)."""
+    for domain, expert in experts.items():
+        if expert["eval"] is None:
+            sub = expert_config(cfg, domain, expand(cfg.run.dir))
+            gen = ray.remote(RolloutGenerator).options(num_cpus=0).remote(
+                expert["path"], sub.rollout, sub.task, sub.run.seed, sub.run.torch_threads)
+            tasks = ray.get(gen.eval_tasks.remote(sub.task.eval_size))
+            scores = [s for s in ray.get(gen.evaluate.remote(tasks, sub.trainer.eval.temperature)) if s is not None]
+            expert["eval"] = float(np.mean(scores))
+            ray.kill(gen)
+
+
+def offpolicy_batches(cfg, experts: dict[str, dict], seed: int):
+    """Per step, the experts' own samples on their domains' training prompts: groups_per_step
+    groups split evenly over the domains (the mixture the student samples from)."""
+    domains = list(cfg.unify.domains)
+    gens = {d: ray.remote(RolloutGenerator).options(num_cpus=0, max_concurrency=1000).remote(
+        experts[d]["path"], cfg.rollout, expert_config(cfg, d, expand(cfg.run.dir)).task, seed + i,
+        cfg.run.torch_threads) for i, d in enumerate(domains)}
+    per_domain = [cfg.trainer.groups_per_step // len(domains) + (i < cfg.trainer.groups_per_step % len(domains))
+                  for i in range(len(domains))]
+
+    def request(step: int) -> list:
+        return [gens[d].sample_groups.remote(n, seed * 100003 + step) for d, n in zip(domains, per_domain) if n]
+
+    try:
+        pending = request(0)
+        for step in range(cfg.distill.steps):
+            batch = [g for part in ray.get(pending) for g in part]
+            if step + 1 < cfg.distill.steps:
+                pending = request(step + 1)
+            yield batch
+    finally:
+        for g in gens.values():
+            ray.kill(g)
+
+
+def unify(cfg) -> dict:
+    from tqdm import tqdm
+
+    run_dir = expand(cfg.run.dir)
+    reuse_dir = expand(cfg.unify.reuse) if cfg.unify.reuse else None
+    moved = archive_previous_run(run_dir)
+    if reuse_dir == run_dir:
+        reuse_dir = moved
+    init_ray(cfg.run)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(to_dict(cfg), f, indent=2)
+    start = time.time()
+    experts = train_experts(cfg, run_dir, reuse_dir)
+    evaluate_experts(cfg, experts)
+    experts_s = time.time() - start
+
+    scfg = student_config(cfg)
+    base = resolve_model_path(cfg.model)
+    log = MetricsLogger(run_dir)
+    teachers = {d: ray.remote(Teacher).options(num_cpus=cfg.distill.teacher_cpus).remote(
+        e["path"], cfg.rollout.temperature, cfg.rollout.max_batch, cfg.run.torch_threads) for d, e in experts.items()}
+    roles = spawn(scfg, base)
+    try:
+        trainer = Trainer(scfg, roles, base)
+        with tqdm(total=cfg.unify.student_sft_steps, desc="student warm start", disable=not cfg.run.progress) as bar:
+            trainer.warm_start(log, bar, steps=cfg.unify.student_sft_steps)
+        student_init = trainer.checkpoint("student_init")
+        before = trainer.evaluate_domains()
+        with tqdm(total=cfg.distill.steps, desc="on-policy distillation", disable=not cfg.run.progress) as bar:
+            history = trainer.train_rl(log, bar, steps=cfg.distill.steps, lr=cfg.distill.lr, teachers=teachers,
+                                       rl_weight=cfg.distill.rl_weight)
+        after = trainer.evaluate_domains()
+        student = trainer.checkpoint("student_final")
+    finally:
+        roles.shutdown()
+        for t in teachers.values():
+            ray.kill(t)
+    distill_s = time.time() - start - experts_s
+
+    baseline, baseline_history = None, []
+    if cfg.distill.baseline:
+        roles = spawn(scfg, student_init)
+        try:
+            trainer = Trainer(scfg, roles, student_init)
+            bcfg = copy.deepcopy(scfg)
+            bcfg.trainer.sft.lr = cfg.distill.baseline_lr
+            trainer.cfg = bcfg
+            blog = MetricsLogger(os.path.join(run_dir, "offpolicy"))
+            with tqdm(total=cfg.distill.steps, desc="off-policy baseline", disable=not cfg.run.progress) as bar:
+                baseline_history = trainer.warm_start(blog, bar, steps=cfg.distill.steps,
+                                                      batches=offpolicy_batches(cfg, experts, cfg.run.seed + 17))
+            baseline = trainer.evaluate_domains()
+            blog.close()
+        finally:
+            roles.shutdown()
+
+    domains = {d: {"expert": experts[d]["eval"], "student_before": before.get(d), "student_after": after.get(d),
+                   **({"student_after_offpolicy": baseline.get(d)} if baseline else {})}
+               for d in cfg.unify.domains}
+    kl = [h["reverse_kl"] for h in history if "reverse_kl" in h]
+    summary = {
+        "domains": domains,
+        "onpolicy": {"mean_after": float(np.mean(list(after.values()))), "steps": cfg.distill.steps,
+                     "reverse_kl_first": kl[0] if kl else None, "reverse_kl_last": kl[-1] if kl else None},
+        "offpolicy": ({"mean_after": float(np.mean(list(baseline.values()))), "steps": cfg.distill.steps}
+                      if baseline else None),
+        "mean_student_before": float(np.mean(list(before.values()))),
+        "mean_expert": float(np.mean([e["eval"] for e in experts.values()])),
+        "experts": {d: e["path"] for d, e in experts.items()},
+        "student_checkpoint": student,
+        "wall_s": {"experts": experts_s, "distill": distill_s, "total": time.time() - start},
+    }
+    summary["plot"] = plot(os.path.join(run_dir, "unify.png"), history, baseline_history, domains)
+    log.summary(summary)
+    log.close()
+    return summary
+
+
+def plot(path: str, history: list[dict], baseline_history: list[dict], domains: dict) -> str | None:
+    """Training curves (reverse KL and reward per domain) and the held-out table as a PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    steps = [h["step"] for h in history]
+    for d in domains:
+        axes[0].plot(steps, [h.get(f"domain/{d}/reverse_kl", np.nan) for h in history], label=d)
+        axes[1].plot(steps, [h.get(f"domain/{d}/reward", np.nan) for h in history], label=d)
+    axes[0].set(title="on-policy distillation: reverse KL to the teacher", xlabel="student update")
+    axes[1].set(title="on-policy distillation: train reward", xlabel="student update")
+    if baseline_history:
+        ax = axes[1].twinx()
+        ax.plot([h["step"] + len(baseline_history) for h in baseline_history],
+                [h["sft_nll"] for h in baseline_history], "k--", alpha=0.5, label="off-policy SFT NLL")
+        ax.set_ylabel("off-policy baseline: SFT NLL")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    names = list(domains)
+    x = np.arange(len(names))
+    columns = [c for c in ("expert", "student_before", "student_after", "student_after_offpolicy")
+               if all(c in domains[d] for d in names)]
+    for i, c in enumerate(columns):
+        axes[2].bar(x + (i - len(columns) / 2 + 0.5) * 0.2, [domains[d][c] or 0.0 for d in names], 0.2, label=c)
+    axes[2].set(title="held-out score per domain", xticks=x, ylim=(0, 1))
+    axes[2].set_xticklabels(names, rotation=20)
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def print_table(summary: dict) -> None:
+    rows = summary["domains"]
+    columns = ["expert", "student_before", "student_after"] + \
+        (["student_after_offpolicy"] if summary.get("offpolicy") else [])
+    header = ["domain", "expert", "student before", "on-policy after"] + \
+        (["off-policy after"] if summary.get("offpolicy") else [])
+    widths = [max(10, len(h)) for h in header]
+    print()
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for d, r in rows.items():
+        cells = [d] + [f"{r[c]:.3f}" if r.get(c) is not None else "-" for c in columns]
+        print("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
+    on, off = summary["onpolicy"], summary.get("offpolicy")
+    print(f"mean: expert {summary['mean_expert']:.3f}, student before {summary['mean_student_before']:.3f}, "
+          f"on-policy {on['mean_after']:.3f}" + (f", off-policy {off['mean_after']:.3f}" if off else ""))
+    if on["reverse_kl_first"] is not None:
+        print(f"reverse KL to the teachers: {on['reverse_kl_first']:.3f} -> {on['reverse_kl_last']:.3f}")
+    w = summary["wall_s"]
+    print(f"wall time: experts {w['experts']:.0f} s, distillation {w['distill']:.0f} s, total {w['total']:.0f} s")
+    if summary.get("plot"):
+        print(f"plot: {summary['plot']}")
