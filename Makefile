@@ -1,4 +1,4 @@
-# make setup: .venv with everything (idempotent) | make demo: the main job | make test: the whole suite
+# make setup: .venv with everything (idempotent) | make demo: the main job (recipes/unify_distill.py) | make test: the whole suite
 VENV       ?= .venv
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(PY) recipes/grpo.py
+	$(PY) recipes/unify_distill.py
 
 test: setup
 	$(PY) -m pytest -q

@@ -126,6 +126,12 @@ class LearnerWorker:
         self.engine.train()
         batches = micro_batches(paths, self.cfg.micro_batch_tokens) if paths else []
         sums: dict[str, float] = {}
+        # ZeRO reduces gradients during backward: every rank must run as many backward passes.
+        count = torch.tensor([len(batches)], device=self.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        for _ in range(max(int(count.item()), 1) - len(batches)):
+            # A rank with fewer micro-batches (or none) joins the extra reductions with zero gradients.
+            self.engine.backward(sum(p.sum() for p in self.engine.module.parameters()) * 0.0)
         for batch in batches:
             advantages = None
             if kind == "distill":
@@ -138,9 +144,6 @@ class LearnerWorker:
             self.engine.backward(loss * self.world_size)
             for k, v in stats.items():
                 sums[k] = max(sums.get(k, v), v) if k.endswith("_max") else sums.get(k, 0.0) + v
-        if not batches:
-            # A rank without data still joins the step's collective gradient reduction.
-            self.engine.backward(sum(p.sum() for p in self.engine.module.parameters()) * 0.0)
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
         sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")

@@ -1,0 +1,71 @@
+"""Specialize-then-Unify end to end through `ray job submit` against a local head.
+
+Two domains, a few steps: the experts are trained, the student is distilled from them on its own
+samples, the job must end SUCCEEDED, and the student's reverse KL to its teachers must fall.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head with the dashboard (job server), from this interpreter's environment."""
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+               RAY_AUTH_MODE="token")
+    env.pop("RAY_ADDRESS", None)
+    port, dashboard = free_port(), free_port()
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray, "start", "--head", "--include-dashboard=true", "--disable-usage-stats",
+                    f"--port={port}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+                    "--num-cpus=8"], env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield ray, f"http://127.0.0.1:{dashboard}", env
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_unify_distill_through_ray_job_submit(ray_head, tmp_path):
+    ray, address, env = ray_head
+    run_dir = tmp_path / "unify"
+    args = ["unify.domains=[terminal,general]", "trainer.sft.steps=60", "trainer.total_steps=2",
+            "task.eval_size=8", "unify.student_sft_steps=5", "distill.steps=8", "distill.lr=1e-3",
+            "distill.baseline=false", "run.progress=false", f"run.dir={run_dir}"]
+    submitted = subprocess.run([ray, "job", "submit", "--address", address, "--working-dir", ROOT, "--no-wait",
+                                "--", "python", "recipes/unify_distill.py", *args],
+                               env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
+    deadline, status = time.monotonic() + 1200, ""
+    while time.monotonic() < deadline:
+        status = subprocess.run([ray, "job", "status", "--address", address, job], env=env,
+                                capture_output=True, text=True, timeout=60).stdout
+        if re.search(r"SUCCEEDED|FAILED|STOPPED", status):
+            break
+        time.sleep(5)
+    logs = subprocess.run([ray, "job", "logs", "--address", address, job], env=env,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "SUCCEEDED" in status, status + logs[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["domains"]) == {"terminal", "general"}
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kl = [h["reverse_kl"] for h in history if "reverse_kl" in h]
+    assert len(kl) == 8
+    assert sum(kl[-3:]) / 3 < sum(kl[:3]) / 3, kl     # the student moves toward its teachers
+    assert "on-policy" in logs and (run_dir / "unify.png").exists()
