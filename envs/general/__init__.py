@@ -5,6 +5,21 @@ Instruction rows are JSONL: `task_id`, `prompt`, `constraints` (a list of
 them). The reward is 1 iff every constraint holds; the info lists each constraint's result. An
 unknown constraint type or a missing/mistyped parameter is a loader error naming the field.
 GeneralEnv mixes these with math tasks from envs.math.
+
+Tiny mode (`task.general_difficulty=0`) is for the tiny char-level model, which cannot copy
+random strings but can memorize a handful of fixed ones. Every task is instruction following
+("Write about rivers. Write everything in capital letters.") under one or two constraints from a
+small set: all capitals, all lowercase, start with one of 3 fixed openers, end with one of 4 fixed
+phrases, valid JSON (`{"text": ...}`), or exactly N words (N in 1..3, checked as min_words N and
+max_words N). The oracle is one fixed sentence ("This is good.") transformed accordingly, so the
+answer is a function of a few discrete features (constraint kinds, their order-free combination,
+a phrase or N) and every string it needs comes from a fixed vocabulary; the real constraint
+checkers score it. The topic (one of 12) only varies the prompt. Math is left out of tiny mode
+(`general_math_fraction` does not apply): measured, the tiny model still answers every
+single-digit sum with one constant after 200 SFT steps, even with operands 1..5 and no other
+tasks. There are about 500 distinct prompts; the hash split of the task id holds out
+`eval_fraction` of them (about 80), so held-out prompts are never trained on, but the same
+constraint combinations recur between training and held-out tasks under another topic or order.
 """
 
 from __future__ import annotations
@@ -146,9 +161,58 @@ def _sentence(rng: random.Random, vocab: list[str], must: list[str]) -> str:
     return " ".join(words)
 
 
+# tiny mode (difficulty 0): one fixed sentence, fixed phrases, one or two constraints
+_TINY_BODY = "this is good"
+_TINY_OPENERS = ["so", "well", "here goes"]
+# constraint families that can hold together ("upper" excludes the lowercase phrases, JSON anything
+# around the object); start+end pairs are left out: with them the tiny model scored 0.45, not 0.93
+# (held-out, after 200 SFT steps, one run each)
+_TINY_SINGLE = ["upper", "lower", "start", "end", "json", "exact"]
+_TINY_PAIRS = [("lower", "start"), ("lower", "end"), ("upper", "json"), ("lower", "json"),
+               ("upper", "exact"), ("lower", "exact")]
+
+
+def generate_tiny(rng: random.Random) -> dict:
+    """A tiny-mode instruction task (see the module docstring)."""
+    topic = rng.choice(_TOPICS)
+    families = [rng.choice(_TINY_SINGLE)] if rng.random() < 0.5 else list(rng.choice(_TINY_PAIRS))
+    rng.shuffle(families)
+    words = _TINY_BODY.split()
+    opener, closer, n = rng.choice(_TINY_OPENERS), rng.choice(_PHRASES), rng.randint(1, 3)
+    if "exact" in families:
+        words = words[:n]
+    body = " ".join(words) + "."
+    if "lower" not in families:
+        body = body[0].upper() + body[1:]
+    if "start" in families:
+        body = f"{opener} {body}"
+    if "end" in families:
+        body = f"{body} {closer}"
+    if "json" in families:
+        body = json.dumps({"text": body})
+    if "upper" in families:
+        body = body.upper()
+    constraints, parts = [], []
+    for fam in families:
+        c = {"upper": [{"type": "uppercase"}], "lower": [{"type": "lowercase"}],
+             "start": [{"type": "starts_with", "phrase": opener}], "end": [{"type": "ends_with", "phrase": closer}],
+             "json": [{"type": "json"}],
+             "exact": [{"type": "min_words", "n": n}, {"type": "max_words", "n": n}]}[fam]
+        constraints += c
+        parts.append(f"Use exactly {n} word{'s' * (n > 1)}." if fam == "exact" else describe(c[0]))
+    prompt = f"Write about {topic}. " + " ".join(parts)
+    row = {"prompt": prompt, "constraints": constraints, "oracle": body}
+    row["task_id"] = "if-" + hashlib.blake2b(json.dumps(row, sort_keys=True).encode(), digest_size=6).hexdigest()
+    assert check(body, constraints)[0] == 1.0, row
+    return {"task_id": row["task_id"], "prompt": prompt, "constraints": constraints, "oracle": body}
+
+
 def generate(rng: random.Random, difficulty: int = 2) -> dict:
     """An instruction task combining `difficulty` constraints (at least one), with an oracle
-    built to satisfy them; the length limits are set around the oracle."""
+    built to satisfy them; the length limits are set around the oracle. Difficulty 0 is tiny
+    mode (`generate_tiny`)."""
+    if difficulty <= 0:
+        return generate_tiny(rng)
     topic = rng.choice(_TOPICS)
     fmt = rng.choice(["plain", "bullets", "paragraphs", "json"])
     content_kinds = ["include_keywords", "exclude_words", "keyword_frequency", "lowercase", "no_commas", "ends_with",
@@ -238,7 +302,7 @@ class GeneralEnv(GeneratedEnv):
                     meta={**row, "kind": "math"})
 
     def generate_row(self, rng: random.Random) -> dict:
-        if rng.random() < self.math_fraction:
+        if self.difficulty > 0 and rng.random() < self.math_fraction:
             return math_env.generate(rng, self.difficulty)
         return generate(rng, self.difficulty)
 

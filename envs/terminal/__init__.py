@@ -5,6 +5,25 @@ script that exits 0 iff the task is solved, run in the episode's sandbox after t
 `oracle` (shell commands that solve it, for demonstrations and replay tests). The seeded
 generator makes such tasks from templates with random names and contents; difficulty chains
 several steps into one task.
+
+Tiny mode (`task.terminal_difficulty=0`), for the tiny char-level default model, which cannot
+copy random strings (nor, measured, pick the right one of 6-8 file names in an unseen
+combination): one step on a file whose name is one of `TINY_SOURCES` (3), written to the fixed
+`out.txt`, of one of the ten `TINY_KINDS` (count, sort, reverse sort, upper case, first, last,
+reverse order; sum, largest, smallest of numbers). The prompt also says what the file lists
+(one of 8 `TINY_TOPICS`, a nuisance feature the command does not depend on), e.g. "data.txt
+lists tags, one per line. Sort them into out.txt." -> `sort data.txt > out.txt`. So the command
+is fixed by two discrete features of the prompt, from fixed strings; the contents stay random
+(3-6 distinct lines), so the real checker in the sandbox decides, and the wrong transformation,
+source or target scores 0. The oracle is that one command then `<answer>done</answer>`.
+The split is by prompt, not by task id alone: a hash of the instruction holds out
+`eval_fraction` of the 10*3*8 = 240 prompts (46 at 0.2), so no held-out prompt is ever trained
+on and held-out task ids never occur in training. Every (kind, source) pair is seen in
+training with other topics: the underlying commands repeat between training and held-out, the
+prompts do not. Task ids include the contents, so a prompt recurs with different contents and
+ids; `eval_tasks(n)` cycles the held-out prompts, with fresh contents, when n exceeds their
+number. Measured: 200 SFT steps (batch 32) on 512 oracle
+episodes give 0.6 held-out greedy (demonstrations ~400 tokens with the scaffold's system prompt).
 """
 
 from __future__ import annotations
@@ -72,8 +91,67 @@ def _step(rng: random.Random) -> dict:
     return {"instruction": instruction, "files": {src: text}, "check": check, "oracle": [oracle]}
 
 
+TINY_SOURCES = ("in.txt", "data.txt", "list.txt")
+TINY_TOPICS = {   # what the file is said to list: a nuisance feature (the command does not depend on it)
+    "words": ("names", "words", "tags", "codes", "keys", "labels", "items", "ids"),
+    "numbers": ("scores", "prices", "ages", "sizes", "counts", "weights", "points", "totals"),
+}
+TINY_TARGET = "out.txt"
+TINY_KINDS = {   # kind -> (contents, instruction, oracle command formatted with the source and target)
+    "count": ("words", "Write how many there are to {dst}.", "wc -l < {src} > {dst}"),
+    "sort": ("words", "Sort them into {dst}.", "sort {src} > {dst}"),
+    "rsort": ("words", "Sort them in reverse into {dst}.", "sort -r {src} > {dst}"),
+    "upper": ("words", "Write them in upper case to {dst}.", "tr a-z A-Z < {src} > {dst}"),
+    "first": ("words", "Write the first one to {dst}.", "head -n 1 {src} > {dst}"),
+    "last": ("words", "Write the last one to {dst}.", "tail -n 1 {src} > {dst}"),
+    "tac": ("words", "Write them in reverse order to {dst}.", "tac {src} > {dst}"),
+    "sum": ("numbers", "Write their sum to {dst}.", "awk '{{s+=$1}} END {{print s}}' {src} > {dst}"),
+    "max": ("numbers", "Write the largest to {dst}.", "sort -n {src} | tail -n 1 > {dst}"),
+    "min": ("numbers", "Write the smallest to {dst}.", "sort -n {src} | head -n 1 > {dst}"),
+}
+
+
+def tiny_prompts() -> list[tuple[str, str, int]]:
+    """Every (kind, source, topic index) of tiny mode, in a fixed order."""
+    return [(k, s, i) for k in TINY_KINDS for s in TINY_SOURCES for i in range(len(TINY_TOPICS["words"]))]
+
+
+def tiny_instruction(kind: str, src: str, topic: int) -> str:
+    contents, ask, _ = TINY_KINDS[kind]
+    return f"{src} lists {TINY_TOPICS[contents][topic]}, one per line. " + ask.format(dst=TINY_TARGET)
+
+
+def generate_tiny(rng: random.Random, kind: str | None = None, src: str | None = None,
+                  topic: int | None = None) -> dict:
+    """A tiny-mode task: fixed file names, random contents (3-6 distinct lines)."""
+    kind = kind or rng.choice(list(TINY_KINDS))
+    src = src or rng.choice(TINY_SOURCES)
+    topic = rng.randrange(len(TINY_TOPICS["words"])) if topic is None else topic
+    contents, _, oracle = TINY_KINDS[kind]
+    n, values = rng.randint(3, 6), []
+    while len(values) < n:   # distinct lines, so that sort, reverse, first/last and min/max differ
+        v = str(rng.randint(1, 99)) if contents == "numbers" else _word(rng, rng.randint(3, 6))
+        if v not in values:
+            values.append(v)
+    text = "".join(f"{x}\n" for x in values)
+    nums = [int(x) for x in values] if contents == "numbers" else []
+    lines = {"sort": sorted(values), "rsort": sorted(values, reverse=True), "first": values[:1],
+             "last": values[-1:], "tac": values[::-1], "count": [n], "upper": [x.upper() for x in values],
+             "sum": [sum(nums)], "max": nums and [max(nums)], "min": nums and [min(nums)]}[kind]
+    expected, dst = "".join(f"{x}\n" for x in lines), TINY_TARGET
+    check = f"printf %s {shlex.quote(expected)} | cmp -s - {dst}"
+    if contents == "numbers" or kind == "count":   # numbers may come padded (wc) or without a newline
+        check = f"test -f {dst} && test \"$(tr -d ' \\n' < {dst})\" = {expected.strip()}"
+    task = {"instruction": tiny_instruction(kind, src, topic), "files": {src: text}, "check": check,
+            "oracle": [oracle.format(src=src, dst=dst)]}
+    task["task_id"] = "term0-" + hashlib.blake2b(json.dumps(task, sort_keys=True).encode(), digest_size=6).hexdigest()
+    return task
+
+
 def generate(rng: random.Random, difficulty: int = 1) -> dict:
-    """A task of `difficulty` independent steps, all of which must be done."""
+    """A task of `difficulty` independent steps, all of which must be done (0: a tiny-mode task)."""
+    if difficulty == 0:
+        return generate_tiny(rng)
     steps = [_step(rng) for _ in range(max(1, difficulty))]
     task = {"instruction": " ".join(s["instruction"] for s in steps),
             "files": {k: v for s in steps for k, v in s["files"].items()},
@@ -98,6 +176,26 @@ class TerminalEnv(GeneratedEnv):
 
     def generate_row(self, rng: random.Random) -> dict:
         return generate(rng, self.difficulty)
+
+    def _held_out_prompt(self, instruction: str) -> bool:
+        from envs.rows import held_out
+        return held_out("term0:" + instruction, self.eval_fraction)
+
+    def sample(self, rng: random.Random) -> Task:
+        if self.difficulty != 0:
+            return super().sample(rng)
+        while True:   # tiny mode splits by prompt (see the module docstring)
+            row = generate_tiny(rng)
+            if not self._held_out_prompt(row["instruction"]):
+                return self.to_task(row)
+
+    def eval_tasks(self, n: int) -> list[Task]:
+        if self.difficulty != 0:
+            return super().eval_tasks(n)
+        held = [p for p in tiny_prompts() if self._held_out_prompt(tiny_instruction(*p))]
+        rng = random.Random(self.eval_seed)
+        rng.shuffle(held)
+        return [self.to_task(generate_tiny(rng, *held[i % len(held)])) for i in range(n)]
 
     @staticmethod
     def to_task(row: dict) -> Task:
