@@ -92,15 +92,16 @@ def _call(name: str, args: tuple[int, ...]) -> str:
 
 
 def _cases(rng: random.Random, name: str, wrong: str | None, n: int = 2) -> list[tuple[int, ...]]:
-    """n input tuples (ints 2..9, two distinct ones for binary functions); when `wrong` is given,
-    the first one shows the bug (the wrong expression gives another value there)."""
+    """n input tuples (ints 2..9, two distinct ones for binary functions) on which no constant and
+    no bare parameter passes the test; when `wrong` is given, the first one shows the bug (the
+    wrong expression gives another value there)."""
     arity, correct, _ = FUNCS[name]
     while True:
-        cases = []
-        for _ in range(n):
-            args = tuple(rng.sample(range(2, 10), arity))
-            cases.append(args)
-        if wrong is None or _value(wrong, cases[0]) != _value(correct, cases[0]):
+        cases = [tuple(rng.sample(range(2, 10), arity)) for _ in range(n)]
+        values = [_value(correct, args) for args in cases]
+        if len(set(values)) < 2 or any(all(v == args[i] for v, args in zip(values, cases)) for i in range(arity)):
+            continue
+        if wrong is None or _value(wrong, cases[0]) != values[0]:
             return cases
 
 
