@@ -32,6 +32,10 @@ class RewardGrader:
             self._env = make_env(self.task_cfg, pool=local_pool(self.task_cfg))
         return self._env
 
+    @env.setter
+    def env(self, env) -> None:
+        self._env = env
+
     def response_text(self, tree: TrajectoryTree, leaf: int) -> str:
         """Text of the model-sampled tokens on the path to `leaf` (observations excluded)."""
         chain = tree.ancestry(leaf)[1:]
