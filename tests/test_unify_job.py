@@ -47,9 +47,13 @@ def test_unify_distill_through_ray_job_submit(ray_head, tmp_path):
     args = ["unify.domains=[terminal,general]", "trainer.sft.steps=60", "trainer.total_steps=2",
             "task.eval_size=8", "unify.student_sft_steps=5", "distill.steps=8", "distill.lr=1e-3",
             "distill.baseline=false", "run.progress=false", f"run.dir={run_dir}"]
-    submitted = subprocess.run([ray, "job", "submit", "--address", address, "--working-dir", ROOT, "--no-wait",
-                                "--", "python", "recipes/unify_distill.py", *args],
-                               env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    for _ in range(30):   # the head's job agent comes up a little after `ray start` returns
+        submitted = subprocess.run([ray, "job", "submit", "--address", address, "--working-dir", ROOT, "--no-wait",
+                                    "--", "python", "recipes/unify_distill.py", *args],
+                                   env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        if "No available agent" not in submitted.stdout + submitted.stderr:
+            break
+        time.sleep(5)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
     deadline, status = time.monotonic() + 1200, ""
