@@ -100,11 +100,32 @@ def snippet(text: str, chars: int = 90) -> str:
     return cut + " …"
 
 
-class SearchTools:
-    """The tools object for `run_episode`: `search` and `open` over a BM25 index."""
+def first_sentences(text: str, n: int) -> str:
+    """The first n sentences of text (split after '.', '!' or '?' followed by a space)."""
+    return " ".join(re.split(r"(?<=[.!?]) ", text)[:n])
 
-    def __init__(self, index: BM25 | None = None, k: int = 5):
+
+class SearchTools:
+    """The tools object for `run_episode`: `search` and `open` over a BM25 index.
+
+    `snippet_chars`: the snippet length of a result line (0: lines are just `id: title`);
+    `open_sentences`: how many sentences `open` shows (None: the whole text). The short settings are
+    the tiny mode's (see envs.websearch); the defaults are the full observations."""
+
+    def __init__(self, index: BM25 | None = None, k: int = 5, snippet_chars: int = 90,
+                 open_sentences: int | None = None):
         self.index, self.k = index if index is not None else corpus_index(), k
+        self.snippet_chars, self.open_sentences = snippet_chars, open_sentences
+
+    def result_line(self, doc: Doc) -> str:
+        if self.snippet_chars <= 0:
+            return f"{doc.id}: {doc.title}"
+        return f"{doc.id}: {doc.title} — {snippet(doc.text, self.snippet_chars)}"
+
+    def view(self, doc: Doc) -> str:
+        """What `open` shows of a document."""
+        text = doc.text if self.open_sentences is None else first_sentences(doc.text, self.open_sentences)
+        return f"{doc.title}\n\n{text}"
 
     async def run(self, action: Action) -> str:
         if action.kind == "search":
@@ -112,10 +133,10 @@ class SearchTools:
             hits = self.index.search(query, self.k)
             if not hits:
                 return f"no results for {query!r}"
-            return "\n".join(f"{d.id}: {d.title} — {snippet(d.text)}" for d, _ in hits)
+            return "\n".join(self.result_line(d) for d, _ in hits)
         if action.kind == "open":
             doc = self.index.by_id.get(action.args["id"].strip())
             if doc is None:
                 return f"no document with id {action.args['id']!r}; open an id from the search results"
-            return f"{doc.title}\n\n{doc.text}"
+            return self.view(doc)
         raise ValueError(f"no tool runs action {action.kind!r}")
