@@ -41,6 +41,7 @@ def ray_head(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 def test_unify_distill_through_ray_job_submit(ray_head, tmp_path):
     ray, address, env = ray_head
     run_dir = tmp_path / "unify"
@@ -56,15 +57,17 @@ def test_unify_distill_through_ray_job_submit(ray_head, tmp_path):
         time.sleep(5)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job = re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
-    deadline, status = time.monotonic() + 1200, ""
+    deadline, status = time.monotonic() + 1300, ""
     while time.monotonic() < deadline:
-        status = subprocess.run([ray, "job", "status", "--address", address, job], env=env,
-                                capture_output=True, text=True, timeout=60).stdout
+        checked = subprocess.run([ray, "job", "status", "--address", address, job], env=env,
+                                 capture_output=True, text=True, timeout=60)
+        status = checked.stdout + checked.stderr   # the CLI logs the status to stderr
         if re.search(r"SUCCEEDED|FAILED|STOPPED", status):
             break
         time.sleep(5)
-    logs = subprocess.run([ray, "job", "logs", "--address", address, job], env=env,
-                          capture_output=True, text=True, timeout=60).stdout
+    fetched = subprocess.run([ray, "job", "logs", "--address", address, job], env=env,
+                             capture_output=True, text=True, timeout=60)
+    logs = fetched.stdout + fetched.stderr
     assert "SUCCEEDED" in status, status + logs[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["domains"]) == {"terminal", "general"}
