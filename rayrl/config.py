@@ -60,6 +60,8 @@ class TaskConfig:
     code_show_formula: bool = True    # code: the docstring states the formula (easy mode for tiny models)
     code_timeout_s: float = 5.0       # code: per-test time limit in the sandbox
     code_sandbox_profile: str = "default"
+    # Difficulty 0 is "tiny mode" in every agentic domain: tasks a 2-layer character model can learn
+    # in minutes (no copying of random strings); each domain's docstring says what it asks.
     terminal_difficulty: int = 1      # terminal: steps chained into one task
     websearch_difficulty: int = 1     # websearch: 1 forward questions, 2+ reverse look-ups
     websearch_top_k: int = 5
