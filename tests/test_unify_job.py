@@ -7,6 +7,7 @@ samples, the job must end SUCCEEDED, and the student's reverse KL to its teacher
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -25,19 +26,27 @@ def free_port() -> int:
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A Ray head with the dashboard (job server), from this interpreter's environment."""
+    """A Ray head with the dashboard (job server), from this interpreter's environment.
+
+    `ray start --block` in a session of its own, stopped by signalling that process group: `ray
+    stop` would kill every Ray instance on the machine (this test session's own local one too)."""
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
                RAY_AUTH_MODE="token")
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    subprocess.run([ray, "start", "--head", "--include-dashboard=true", "--disable-usage-stats",
-                    f"--port={port}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-                    "--num-cpus=8"], env=env, check=True, capture_output=True, timeout=180)
+    head = subprocess.Popen([ray, "start", "--head", "--block", "--include-dashboard=true", "--disable-usage-stats",
+                             f"--port={port}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+                             "--num-cpus=8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
         yield ray, f"http://127.0.0.1:{dashboard}", env
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -48,11 +57,11 @@ def test_unify_distill_through_ray_job_submit(ray_head, tmp_path):
     args = ["unify.domains=[terminal,general]", "trainer.sft.steps=60", "trainer.total_steps=2",
             "task.eval_size=8", "unify.student_sft_steps=5", "distill.steps=8", "distill.lr=1e-3",
             "distill.baseline=false", "run.progress=false", f"run.dir={run_dir}"]
-    for _ in range(30):   # the head's job agent comes up a little after `ray start` returns
+    for _ in range(60):   # the head and its job agent come up a little after `ray start`
         submitted = subprocess.run([ray, "job", "submit", "--address", address, "--working-dir", ROOT, "--no-wait",
                                     "--", "python", "recipes/unify_distill.py", *args],
                                    env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-        if "No available agent" not in submitted.stdout + submitted.stderr:
+        if submitted.returncode == 0:
             break
         time.sleep(5)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
