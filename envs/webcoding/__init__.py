@@ -7,6 +7,24 @@ Tasks are JSONL rows: `task_id`, `instruction`, `checks` (a list of check object
 (an HTML document that passes them, for demonstrations and replay tests). The seeded generator
 makes such tasks from templates (counter, todo list, heading, styled card, toggle, table) with
 random ids, texts and counts; difficulty puts several components on one page.
+
+Tiny mode (difficulty 0) is for the 2-layer character-level model, which cannot copy random strings
+from its prompt. Each task asks for one component on a minimal page
+(`<!doctype html><html><body>...</body></html>`, no head or style) and fixes every id, so the answer
+is determined by the kind of component plus one or two discrete features:
+- heading, id 'title': main heading or subheading (h1/h2) x text;
+- list `<ul id='items'>`: 1-3 items x text (every item reads the text);
+- counter, button 'inc' and span 'count': text (the button's label) x start value 0/1, graded by
+  clicking a number of times that the features determine (one prompt is one task);
+- toggle, button 'btn' and paragraph 'msg': text x at first shown/hidden.
+The text is one of four two-word phrases (TINY_TEXTS) with distinctive letters. Measured: four-letter
+words or digits that the answer has to repeat were only learned after 300-400 SFT steps, while these
+longer phrases and word-valued features ("shown"/"hidden") are learned in about 200. The pages use
+inline handlers on the elements' named globals (`count.textContent++`, `msg.hidden=!msg.hidden`).
+Eight openings and four closing sentences that do not change the answer make the prompts distinct:
+1152 tasks with 36 distinct answers, prompt plus answer under 350 characters, and the task-id hash
+split holds out 235 of them. Held-out prompts never occur in training, but their answers (and so
+every feature combination) do, with other wording.
 """
 
 from __future__ import annotations
@@ -26,6 +44,7 @@ from envs.webcoding.browser import Browser, BrowserError, find_chromium
 from envs.webcoding.grader import grade, validate_check
 
 SAMPLES = Path(__file__).with_name("samples.jsonl")
+TINY_FORMAT = "\nReply in a ```html block."
 _FIELDS = {"task_id": str, "instruction": str, "checks": list, "oracle": str}
 FORMAT = ("\n\nReply with one complete, self-contained HTML document (inline CSS and JS, no external "
           "resources) in a ```html code block.")
@@ -172,6 +191,71 @@ def generate(rng: random.Random, difficulty: int = 1) -> dict:
     return task
 
 
+# ---------------------------------------------------------------- tiny mode (difficulty 0)
+
+TINY_TEXTS = ("Jazz Night", "Quiz Time", "Zoo Tours", "Yoga Class")
+TINY_OPENINGS = ("Write a web page", "Make a web page", "Build a small page", "Create an HTML page",
+                 "Write a short page", "Make a simple page", "Build a web page", "Create a page")
+TINY_CLOSINGS = ("", " Keep it short.", " No CSS needed.", " Any layout is fine.")
+
+
+def tiny_page(body: str) -> str:
+    return f"<!doctype html><html><body>{body}</body></html>\n"
+
+
+def _tiny_heading(rng):
+    sub, text = rng.random() < 0.5, rng.choice(TINY_TEXTS)
+    level = 2 if sub else 1
+    return (f"with a {'subheading' if sub else 'main heading'} (h{level}), id 'title', reading '{text}'.",
+            [{"type": "exists", "selector": f"h{level}#title"}, {"type": "text", "selector": "#title", "contains": text}],
+            f'<h{level} id="title">{text}</h{level}>')
+
+
+def _tiny_list(rng):
+    n, text = rng.randint(1, 3), rng.choice(TINY_TEXTS)
+    return (f"with a list <ul id='items'> of {n} item{'s' if n > 1 else ''}, each reading '{text}'.",
+            [{"type": "count", "selector": "ul#items li", "n": n},
+             {"type": "text", "selector": "#items li:first-child", "contains": text},
+             {"type": "text", "selector": "#items li:last-child", "contains": text}],
+            '<ul id="items">' + f"<li>{text}</li>" * n + "</ul>")
+
+
+def _tiny_counter(rng):
+    start, text = rng.randint(0, 1), rng.choice(TINY_TEXTS)
+    k = 1 + (2 * TINY_TEXTS.index(text) + start) % 5        # clicks: set by the features (one prompt, one task)
+    return (f"with a button id 'inc' labelled '{text}' and a span id 'count' showing {start}; "
+            f"each click adds one to the span.",
+            [{"type": "text", "selector": "button#inc", "contains": text},
+             {"type": "text", "selector": "span#count", "contains": str(start)},
+             {"type": "click", "selector": "#inc", "times": k, "then": {"selector": "#count", "contains": str(start + k)}}],
+            f'<button id="inc" onclick="count.textContent++">{text}</button><span id="count">{start}</span>')
+
+
+def _tiny_toggle(rng):
+    shown, text = rng.random() < 0.5, rng.choice(TINY_TEXTS)
+    on = [{"type": "visible", "selector": "p#msg", "visible": True}, {"type": "text", "selector": "p#msg", "contains": text}]
+    off = [{"type": "visible", "selector": "p#msg", "visible": False}]
+    first, second = (on, off) if shown else (off, on)
+    return (f"with a button id 'btn' and a paragraph id 'msg' reading '{text}', at first "
+            f"{'shown' if shown else 'hidden'}; each click shows or hides it.",
+            [*first, {"type": "click", "selector": "button#btn", "then": second},
+             {"type": "click", "selector": "#btn", "then": first}],
+            f'<button id="btn" onclick="msg.hidden=!msg.hidden">Toggle</button>'
+            f'<p id="msg"{"" if shown else " hidden"}>{text}</p>')
+
+
+TINY_TEMPLATES = {"heading": _tiny_heading, "list": _tiny_list, "counter": _tiny_counter, "toggle": _tiny_toggle}
+
+
+def generate_tiny(rng: random.Random) -> dict:
+    """A difficulty-0 task: one component from TINY_TEMPLATES on a minimal page."""
+    what, checks, body = TINY_TEMPLATES[rng.choice(sorted(TINY_TEMPLATES))](rng)
+    task = {"instruction": f"{rng.choice(TINY_OPENINGS)} {what}{rng.choice(TINY_CLOSINGS)}", "checks": checks,
+            "oracle": tiny_page(body)}
+    task["task_id"] = "web0-" + hashlib.blake2b(json.dumps(task, sort_keys=True).encode(), digest_size=6).hexdigest()
+    return task
+
+
 # ---------------------------------------------------------------- environment
 
 class WebCodingEnv(GeneratedEnv):
@@ -192,7 +276,20 @@ class WebCodingEnv(GeneratedEnv):
         self._sem: asyncio.Semaphore | None = None
 
     def generate_row(self, rng: random.Random) -> dict:
-        return generate(rng, self.difficulty)
+        return generate_tiny(rng) if self.difficulty == 0 else generate(rng, self.difficulty)
+
+    def eval_tasks(self, n: int) -> list[Task]:
+        if self.difficulty != 0:
+            return super().eval_tasks(n)
+        from envs.rows import held_out       # tiny mode has finitely many tasks: fail, never loop forever
+        rng, out = random.Random(self.eval_seed), {}
+        for _ in range(200_000):
+            if len(out) >= n:
+                return list(out.values())
+            row = self.generate_row(rng)
+            if held_out(row["task_id"], self.eval_fraction):
+                out.setdefault(row["task_id"], self.to_task(row))
+        raise ValueError(f"webcoding difficulty 0 has only {len(out)} held-out tasks; lower task.eval_size")
 
     @staticmethod
     def available() -> bool:
@@ -200,7 +297,9 @@ class WebCodingEnv(GeneratedEnv):
 
     @staticmethod
     def to_task(row: dict) -> Task:
-        return Task(id=row["task_id"], prompt=row["instruction"] + FORMAT, answer="", domain="webcoding", meta=row)
+        tiny = row["task_id"].startswith("web0-")        # a difficulty-0 row: the short format line
+        return Task(id=row["task_id"], prompt=row["instruction"] + (TINY_FORMAT if tiny else FORMAT), answer="",
+                    domain="webcoding", meta=row)
 
     def demonstration(self, task: Task) -> str:
         return f"```html\n{task.meta['oracle']}```"
