@@ -7,6 +7,7 @@ samples, the job must end SUCCEEDED, and the student's reverse KL to its teacher
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -31,7 +32,9 @@ def ray_head(tmp_path):
     `ray start --block` in a session of its own, stopped by signalling that process group: `ray
     stop` would kill every Ray instance on the machine (this test session's own local one too)."""
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-               RAY_AUTH_MODE="token")
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    # The token is given to the head and the CLI alike: with none in ~/.ray yet (a fresh machine),
+    # a submission racing the head's start-up wrote a token of its own and was refused.
     env.pop("RAY_ADDRESS", None)
     port, dashboard = free_port(), free_port()
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
