@@ -36,12 +36,18 @@ def ray_head(tmp_path):
     # The token is given to the head and the CLI alike: with none in ~/.ray yet (a fresh machine),
     # a submission racing the head's start-up wrote a token of its own and was refused.
     env.pop("RAY_ADDRESS", None)
-    port, dashboard = free_port(), free_port()
+    dashboard = free_port()
+    # Every port the head would otherwise take at its fixed default is given a free one: the test
+    # session's own Ray already holds the dashboard agent's 52365, and a head whose agent cannot bind
+    # answers every submission with "No available agent".
+    ports = {flag: free_port() for flag in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "metrics-export-port", "ray-client-server-port",
+                                            "runtime-env-agent-port")}
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
     head = subprocess.Popen([ray, "start", "--head", "--block", "--include-dashboard=true", "--disable-usage-stats",
-                             f"--port={port}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-                             "--num-cpus=8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                             f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=8",
+                             *(f"--{flag}={port}" for flag, port in ports.items())],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         yield ray, f"http://127.0.0.1:{dashboard}", env
     finally:
@@ -60,7 +66,7 @@ def test_unify_distill_through_ray_job_submit(ray_head, tmp_path):
     args = ["unify.domains=[terminal,general]", "trainer.sft.steps=60", "trainer.total_steps=2",
             "task.eval_size=8", "unify.student_sft_steps=5", "distill.steps=8", "distill.lr=1e-3",
             "distill.baseline=false", "run.progress=false", f"run.dir={run_dir}"]
-    for _ in range(60):   # the head and its job agent come up a little after `ray start`
+    for _ in range(36):   # the head and its job agent come up a little after `ray start`
         submitted = subprocess.run([ray, "job", "submit", "--address", address, "--working-dir", ROOT, "--no-wait",
                                     "--", "python", "recipes/unify_distill.py", *args],
                                    env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
