@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
+from rayrl.algo.distill import domain_reverse_kl
+from rayrl.algo.resampling import effective_fraction
 from rayrl.config import expand, to_dict
 from rayrl.learner.group import LearnerGroup
 from rayrl.metrics import MetricsLogger
@@ -50,7 +52,7 @@ class Roles:
 def spawn(cfg, model_path: str) -> Roles:
     threads = cfg.run.torch_threads
     generators = [ray.remote(RolloutGenerator).options(num_cpus=cfg.rollout.num_cpus, max_concurrency=1000)
-                  .remote(model_path, cfg.rollout, cfg.task, cfg.run.seed * 1000 + i, threads)
+                  .remote(model_path, cfg.rollout, cfg.task, cfg.run.seed * 1000 + i, threads, cfg.learner.loss.mcla)
                   for i in range(cfg.rollout.num_generators)]
     graders = [ray.remote(RewardGrader).options(num_cpus=0).remote(cfg.task, model_path, cfg.learner.loss.advantage)
                for _ in range(cfg.reward.num_graders)]
@@ -76,6 +78,10 @@ class Trainer:
         self.cfg, self.roles, self.model_path = cfg, roles, model_path
         self.version = 0
         self.eval_tasks = ray.get(roles.generators[0].eval_tasks.remote(cfg.task.eval_size))
+        if cfg.replay.prompts:   # a finite training set, handed out by the buffer (epochs, History Resampling)
+            tasks = ray.get(roles.generators[0].train_tasks.remote(cfg.replay.prompts, cfg.run.seed))
+            ray.get(roles.buffer.set_prompts.remote(tasks, cfg.replay.resampling, cfg.replay.success_reward,
+                                                    cfg.run.seed))
 
     def publish(self) -> None:
         ref = self.roles.learner.publish()
@@ -132,10 +138,12 @@ class Trainer:
         return history
 
     def train_rl(self, log: MetricsLogger, progress, steps: int | None = None, lr: float | None = None,
-                 teachers: dict | None = None, rl_weight: float = 0.0) -> list[dict]:
+                 teachers: dict | None = None, rl_weight: float = 0.0, on_step=None) -> list[dict]:
         """The asynchronous loop. With replay.max_staleness=0 the buffer makes it synchronous.
         With `teachers` ({domain: Teacher actor}) it is on-policy distillation: the teachers score
-        the student's samples and the learner's advantages come from them."""
+        the student's samples and the learner's advantages come from them. `on_step(step, record)`,
+        if given, runs after each step (it may add to the record before it is logged, e.g. switch
+        a schedule's stage) and ends the loop early by returning True."""
         cfg, roles = self.cfg, self.roles
         steps = cfg.trainer.total_steps if steps is None else steps
         lr, kind = cfg.trainer.lr if lr is None else lr, "distill" if teachers else "rl"
@@ -155,11 +163,14 @@ class Trainer:
             record = self.step_record(batch, stats, timing)
             if cfg.trainer.eval.every and step % cfg.trainer.eval.every == 0:
                 record["eval"] = self.evaluate()
+            stop = bool(on_step and on_step(step, record))
             history.append(log.log(step, record))
             if cfg.trainer.ckpt_every and step % cfg.trainer.ckpt_every == 0:
                 self.checkpoint(f"step_{step}")
             progress.update(1)
             progress.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.2f}")
+            if stop:
+                break
         for g in roles.generators:
             g.stop.remote()
         ray.get(roles.buffer.close.remote())
@@ -174,6 +185,8 @@ class Trainer:
         return {
             **domain_stats([m for m, _ in batch]),
             "reward_mean": float(np.mean(rewards)), "staleness_mean": float(np.mean(staleness)),
+            # share of the trained samples with a non-zero GRPO advantage (rayrl.algo.resampling)
+            "effective_ratio": effective_fraction(m["rewards"] for m, _ in batch),
             "staleness_max": max(staleness), "samples": len(rewards), **timing,
             "infra_failures": sum(m["infra_failures"] for m, _ in batch),   # samples kept out of the loss
             "samples_per_s": len(rewards) / timing["step_s"],
@@ -193,6 +206,8 @@ class Trainer:
         load_tokenizer(self.model_path).save_pretrained(path)
         with open(os.path.join(path, "trainer_state.json"), "w") as f:
             json.dump({"version": self.version, "config": to_dict(self.cfg)}, f, indent=2)
+        with open(os.path.join(path, "replay_state.json"), "w") as f:   # History Resampling's record, epochs
+            json.dump(ray.get(self.roles.buffer.state_dict.remote()), f)
         return path
 
 
@@ -209,9 +224,7 @@ def domain_stats(metas: list[dict]) -> dict:
         rewards = [r for m in mine for r in m["rewards"] if r is not None]
         out[f"domain/{d}/reward"] = float(np.mean(rewards)) if rewards else float("nan")
         out[f"domain/{d}/tokens"] = sum(m["loss_tokens"] for m in mine)
-        teacher_tokens = sum(m["teacher_tokens"] for m in mine)
-        if teacher_tokens:
-            out[f"domain/{d}/reverse_kl"] = sum(m["reverse_kl_sum"] for m in mine) / teacher_tokens
+    out.update({f"domain/{d}/reverse_kl": kl for d, kl in domain_reverse_kl(scored).items()})
     if scored:
         out["reverse_kl"] = sum(m["reverse_kl_sum"] for m in scored) / sum(m["teacher_tokens"] for m in scored)
     return out
@@ -244,7 +257,7 @@ def run(cfg) -> dict:
     roles = spawn(cfg, model_path)
     try:
         trainer = Trainer(cfg, roles, model_path)
-        eval_init = trainer.evaluate()
+        eval_init = trainer.evaluate() if cfg.trainer.eval.initial else None
         with tqdm(total=cfg.trainer.sft.steps, desc="sft", disable=not cfg.run.progress) as progress:
             trainer.warm_start(log, progress)
         eval_before = trainer.evaluate()
@@ -282,7 +295,7 @@ def throughput(history: list[dict]) -> dict:
 
 
 def print_summary(summary: dict) -> None:
-    rows = [("held-out accuracy, initial model", summary["eval_init"]),
+    rows = [("held-out accuracy, initial model", "-" if summary["eval_init"] is None else summary["eval_init"]),
             ("held-out accuracy, before RL (after SFT)", summary["eval_before"]),
             ("held-out accuracy, after RL", summary["eval_after"]),
             ("gain from RL", summary["eval_gain"]),

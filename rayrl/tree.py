@@ -69,6 +69,7 @@ class Path:
     infra_failure: bool
     teacher_logprobs: np.ndarray | None = None
     domain: str = ""
+    meta: dict = field(default_factory=dict)   # the leaf's (e.g. an MoE sample's routes)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -181,7 +182,7 @@ def iter_paths(tree: TrajectoryTree) -> Iterator[Path]:
             teacher = np.concatenate([c.teacher_logprobs for c in chain])
         yield Path(*(np.concatenate([getattr(c, f) for c in chain]) for f, _ in _ARRAY_FIELDS),
                    leaf=leaf, reward=node.reward, advantage=node.advantage,
-                   infra_failure=node.infra_failure, teacher_logprobs=teacher, domain=domain)
+                   infra_failure=node.infra_failure, teacher_logprobs=teacher, domain=domain, meta=node.meta)
 
 
 def summarize(tree: TrajectoryTree) -> dict:
@@ -189,9 +190,11 @@ def summarize(tree: TrajectoryTree) -> dict:
     paths = tree.paths()
     scored = [p for p in paths if p.teacher_logprobs is not None and not p.infra_failure]
     sampled = [p.loss_mask.astype(bool) for p in scored]
+    task = tree.meta.get("task")
     return {
         "id": tree.meta.get("group_id"),
         "domain": domain_of(tree),
+        "task_id": task.get("id") if isinstance(task, dict) else None,   # History Resampling's record
         "min_version": tree.min_version,
         "rewards": [p.reward for p in paths],
         "infra_failures": sum(p.infra_failure for p in paths),

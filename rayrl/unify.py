@@ -1,14 +1,17 @@
 """Specialize-then-Unify (KAT-Coder-V2): one expert per domain, merged into one student by
 on-policy distillation, with off-policy distillation as the baseline in the same run.
 
-1. Experts: for each domain, SFT on oracle demonstrations then GRPO in that domain's environment
-   (rayrl.pipeline.run), or a checkpoint reused from `unify.experts` / an earlier run.
-2. Student: a brief warm start on mixed-domain demonstrations, evaluated per domain.
+0. Base: the common starting point of every expert and of the student. A real run starts from a
+   pretrained checkpoint (model.path); the tiny default model gets a brief SFT on mixed-domain
+   demonstrations instead (`unify.base_sft_steps`), which stands in for pretraining.
+1. Experts: for each domain, from the base, SFT on the domain's oracle demonstrations then GRPO in
+   its environment (rayrl.pipeline.run), or a checkpoint reused from `unify.experts` / an earlier run.
+2. Student: the base, evaluated per domain.
 3. On-policy distillation: the student samples on mixed-domain prompts, the expert of each
    sample's domain scores the student's tokens (a Teacher actor), the learner follows the
    per-token reverse-KL advantage (rayrl.algo.distill) with the RL surrogate.
-4. Baseline: the same warm-started student trained by SFT on the experts' own samples, for the
-   same number of updates on the same number of samples.
+4. Baseline: the base trained by SFT on the experts' own samples instead, for the same number of
+   updates on the same number of samples.
 """
 
 from __future__ import annotations
@@ -29,10 +32,18 @@ from rayrl.rollout.generator import RolloutGenerator
 from rayrl.rollout.teacher import Teacher
 
 
-def expert_config(cfg, domain: str, run_dir: str):
+def domain_task(cfg, domain: str):
+    task = copy.deepcopy(cfg.task)
+    task.name = domain
+    return task
+
+
+def expert_config(cfg, domain: str, run_dir: str, base: str):
     sub = copy.deepcopy(cfg)
-    sub.task.name = domain
+    sub.task = domain_task(cfg, domain)
     sub.run.dir = os.path.join(run_dir, "experts", domain)
+    sub.model.path = base
+    sub.trainer.eval.initial = False    # the base's score is the student's "before", measured once
     return sub
 
 
@@ -53,7 +64,31 @@ def reused_expert(cfg, domain: str, reuse_dir: str | None) -> dict | None:
     return None
 
 
-def train_experts(cfg, run_dir: str, reuse_dir: str | None) -> dict[str, dict]:
+def train_base(cfg, run_dir: str, reuse_dir: str | None, log: MetricsLogger) -> str:
+    """The base checkpoint: reused from an earlier run, the model as given, or the model after
+    `unify.base_sft_steps` of SFT on the domain mixture."""
+    from tqdm import tqdm
+
+    if reuse_dir and os.path.isfile(os.path.join(reuse_dir, "checkpoints", "base", "config.json")):
+        path = os.path.join(reuse_dir, "checkpoints", "base")
+        print(f"base: reusing {path}", flush=True)
+        return path
+    model = resolve_model_path(cfg.model)
+    if not cfg.unify.base_sft_steps:
+        return model
+    print(f"base: SFT {cfg.unify.base_sft_steps} steps on {', '.join(cfg.unify.domains)}", flush=True)
+    scfg = student_config(cfg)
+    roles = spawn(scfg, model)
+    try:
+        trainer = Trainer(scfg, roles, model)
+        with tqdm(total=cfg.unify.base_sft_steps, desc="base", disable=not cfg.run.progress) as bar:
+            trainer.warm_start(log, bar, steps=cfg.unify.base_sft_steps)
+        return trainer.checkpoint("base")
+    finally:
+        roles.shutdown()
+
+
+def train_experts(cfg, run_dir: str, reuse_dir: str | None, base: str) -> dict[str, dict]:
     experts = {}
     for i, domain in enumerate(cfg.unify.domains, 1):
         found = reused_expert(cfg, domain, reuse_dir)
@@ -63,7 +98,7 @@ def train_experts(cfg, run_dir: str, reuse_dir: str | None) -> dict[str, dict]:
             continue
         print(f"[{i}/{len(cfg.unify.domains)}] expert {domain}: SFT {cfg.trainer.sft.steps} steps, "
               f"GRPO {cfg.trainer.total_steps} steps", flush=True)
-        summary = run(expert_config(cfg, domain, run_dir))
+        summary = run(expert_config(cfg, domain, run_dir, base))
         print(f"expert {domain}: held-out {summary['eval_before']:.3f} after SFT, {summary['eval_after']:.3f} "
               f"after GRPO ({summary['wall_s']:.0f} s)", flush=True)
         experts[domain] = {"path": summary["checkpoint"], "eval": summary["eval_after"],
@@ -84,7 +119,7 @@ def evaluate_experts(cfg, experts: dict[str, dict]) -> None:
     """Held-out score of the experts that came without one (reused checkpoints)."""
     for domain, expert in experts.items():
         if expert["eval"] is None:
-            sub = expert_config(cfg, domain, expand(cfg.run.dir))
+            sub = expert_config(cfg, domain, expand(cfg.run.dir), base)
             gen = ray.remote(RolloutGenerator).options(num_cpus=0).remote(
                 expert["path"], sub.rollout, sub.task, sub.run.seed, sub.run.torch_threads)
             tasks = ray.get(gen.eval_tasks.remote(sub.task.eval_size))
@@ -98,7 +133,7 @@ def offpolicy_batches(cfg, experts: dict[str, dict], seed: int):
     groups split evenly over the domains (the mixture the student samples from)."""
     domains = list(cfg.unify.domains)
     gens = {d: ray.remote(RolloutGenerator).options(num_cpus=0, max_concurrency=1000).remote(
-        experts[d]["path"], cfg.rollout, expert_config(cfg, d, expand(cfg.run.dir)).task, seed + i,
+        experts[d]["path"], cfg.rollout, domain_task(cfg, d), seed + i,
         cfg.run.torch_threads) for i, d in enumerate(domains)}
     per_domain = [cfg.trainer.groups_per_step // len(domains) + (i < cfg.trainer.groups_per_step % len(domains))
                   for i in range(len(domains))]
@@ -131,38 +166,38 @@ def unify(cfg) -> dict:
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(to_dict(cfg), f, indent=2)
     start = time.time()
-    experts = train_experts(cfg, run_dir, reuse_dir)
+    log = MetricsLogger(run_dir)
+    base = train_base(cfg, run_dir, reuse_dir, log)
+    base_s = time.time() - start
+    experts = train_experts(cfg, run_dir, reuse_dir, base)
     evaluate_experts(cfg, experts)
-    experts_s = time.time() - start
+    experts_s = time.time() - start - base_s
 
     scfg = student_config(cfg)
-    base = resolve_model_path(cfg.model)
-    log = MetricsLogger(run_dir)
     teachers = {d: ray.remote(Teacher).options(num_cpus=cfg.distill.teacher_cpus).remote(
         e["path"], cfg.rollout.temperature, cfg.rollout.max_batch, cfg.run.torch_threads) for d, e in experts.items()}
     roles = spawn(scfg, base)
     try:
         trainer = Trainer(scfg, roles, base)
-        with tqdm(total=cfg.unify.student_sft_steps, desc="student warm start", disable=not cfg.run.progress) as bar:
-            trainer.warm_start(log, bar, steps=cfg.unify.student_sft_steps)
-        student_init = trainer.checkpoint("student_init")
         before = trainer.evaluate_domains()
+        print(f"student (the base), held-out: {format_scores(before)}", flush=True)
         with tqdm(total=cfg.distill.steps, desc="on-policy distillation", disable=not cfg.run.progress) as bar:
             history = trainer.train_rl(log, bar, steps=cfg.distill.steps, lr=cfg.distill.lr, teachers=teachers,
                                        rl_weight=cfg.distill.rl_weight)
         after = trainer.evaluate_domains()
+        print(f"student after on-policy distillation, held-out: {format_scores(after)}", flush=True)
         student = trainer.checkpoint("student_final")
     finally:
         roles.shutdown()
         for t in teachers.values():
             ray.kill(t)
-    distill_s = time.time() - start - experts_s
+    distill_s = time.time() - start - base_s - experts_s
 
     baseline, baseline_history = None, []
     if cfg.distill.baseline:
-        roles = spawn(scfg, student_init)
+        roles = spawn(scfg, base)
         try:
-            trainer = Trainer(scfg, roles, student_init)
+            trainer = Trainer(scfg, roles, base)
             bcfg = copy.deepcopy(scfg)
             bcfg.trainer.sft.lr = cfg.distill.baseline_lr
             trainer.cfg = bcfg
@@ -171,6 +206,7 @@ def unify(cfg) -> dict:
                 baseline_history = trainer.warm_start(blog, bar, steps=cfg.distill.steps,
                                                       batches=offpolicy_batches(cfg, experts, cfg.run.seed + 17))
             baseline = trainer.evaluate_domains()
+            print(f"student after off-policy distillation, held-out: {format_scores(baseline)}", flush=True)
             blog.close()
         finally:
             roles.shutdown()
@@ -189,7 +225,8 @@ def unify(cfg) -> dict:
         "mean_expert": float(np.mean([e["eval"] for e in experts.values()])),
         "experts": {d: e["path"] for d, e in experts.items()},
         "student_checkpoint": student,
-        "wall_s": {"experts": experts_s, "distill": distill_s, "total": time.time() - start},
+        "base": base,
+        "wall_s": {"base": base_s, "experts": experts_s, "distill": distill_s, "total": time.time() - start},
     }
     summary["plot"] = plot(os.path.join(run_dir, "unify.png"), history, baseline_history, domains)
     log.summary(summary)
@@ -235,6 +272,10 @@ def plot(path: str, history: list[dict], baseline_history: list[dict], domains: 
     return path
 
 
+def format_scores(scores: dict[str, float]) -> str:
+    return ", ".join(f"{d} {v:.3f}" for d, v in scores.items())
+
+
 def print_table(summary: dict) -> None:
     rows = summary["domains"]
     columns = ["expert", "student_before", "student_after"] + \
@@ -253,6 +294,7 @@ def print_table(summary: dict) -> None:
     if on["reverse_kl_first"] is not None:
         print(f"reverse KL to the teachers: {on['reverse_kl_first']:.3f} -> {on['reverse_kl_last']:.3f}")
     w = summary["wall_s"]
-    print(f"wall time: experts {w['experts']:.0f} s, distillation {w['distill']:.0f} s, total {w['total']:.0f} s")
+    print(f"wall time: base {w['base']:.0f} s, experts {w['experts']:.0f} s, distillation {w['distill']:.0f} s, "
+          f"total {w['total']:.0f} s")
     if summary.get("plot"):
         print(f"plot: {summary['plot']}")

@@ -64,7 +64,7 @@ def test_unify_distill_through_ray_job_submit(ray_head, tmp_path):
     ray, address, env = ray_head
     run_dir = tmp_path / "unify"
     args = ["unify.domains=[terminal,general]", "trainer.sft.steps=60", "trainer.total_steps=2",
-            "task.eval_size=8", "unify.student_sft_steps=5", "distill.steps=8", "distill.lr=1e-3",
+            "task.eval_size=8", "unify.base_sft_steps=30", "distill.steps=8", "distill.lr=1e-3",
             "distill.baseline=false", "run.progress=false", f"run.dir={run_dir}"]
     for _ in range(36):   # the head and its job agent come up a little after `ray start`
         submitted = subprocess.run([ray, "job", "submit", "--address", address, "--working-dir", ROOT, "--no-wait",

@@ -6,6 +6,7 @@ import ray
 from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from rayrl.algo.distill import domain_reverse_kl
 from rayrl.learner.worker import LearnerWorker
 
 
@@ -41,7 +42,8 @@ class LearnerGroup:
         kind: sft | rl | distill (see LearnerWorker.train_step)."""
         metas = [m for m, _ in batch]
         totals = {"loss_tokens": sum(m["loss_tokens"] for m in metas),
-                  "num_paths": sum(m["num_paths"] - m["infra_failures"] for m in metas)}
+                  "num_paths": sum(m["num_paths"] - m["infra_failures"] for m in metas),
+                  "reverse_kl": domain_reverse_kl(metas)}   # the distillation baseline, per domain
         shares = split_balanced(metas, len(self.workers))
         results = ray.get([w.train_step.remote([batch[i][1] for i in share], kind, lr, totals, rl_weight)
                            for w, share in zip(self.workers, shares)])
@@ -55,6 +57,8 @@ class LearnerGroup:
         stats["loss"] = merged.get("loss", 0.0)
         stats["grad_norm"] = results[0]["grad_norm"]
         stats["loss_tokens"] = tokens
+        # Path tokens per token the forward passes ran on: > 1 when tree training merges shared prefixes.
+        stats["dedup_ratio"] = merged.get("path_tokens", 0.0) / max(merged.get("forward_tokens", 0.0), 1.0)
         return stats
 
     def publish(self) -> ray.ObjectRef:

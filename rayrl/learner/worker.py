@@ -11,6 +11,9 @@ import torch
 from rayrl.algo.distill import distill_advantages
 from rayrl.algo.logprobs import gather_logprobs
 from rayrl.algo.losses import aggregate, policy_token_loss, sft_token_loss
+from rayrl.algo.mcla import average_passes, mcla_passes
+from rayrl.algo.tree_pack import pack_paths, tree_micro_batches
+from rayrl.models.moe import forward_plan, replay_routes, routing
 from rayrl.tree import Path, TrajectoryTree
 
 
@@ -102,6 +105,12 @@ class LearnerWorker:
 
     # -- training -------------------------------------------------------------------------
     def _token_logprobs(self, batch: dict) -> torch.Tensor:
+        """[B, T-1]: position t holds the log-prob of token t+1 of path b."""
+        if "tree" in batch:   # one forward over the unique tokens, gathered back per path
+            from rayrl.models.tree_attention import packed_logprobs
+            packed = batch["tree"]
+            index = torch.from_numpy(packed.label_index(batch["tokens"].shape[1])).to(self.device)
+            return packed_logprobs(self.engine, packed, self.temperature)[index]
         tokens = batch["tokens"].to(self.device)
         attention = batch["attention"].to(self.device)
         logits = self.engine(input_ids=tokens, attention_mask=attention).logits
@@ -124,7 +133,7 @@ class LearnerWorker:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.engine.train()
-        batches = micro_batches(paths, self.cfg.micro_batch_tokens) if paths else []
+        batches = self._micro_batches(paths)
         sums: dict[str, float] = {}
         # ZeRO reduces gradients during backward: every rank must run as many backward passes.
         count = torch.tensor([len(batches)], device=self.device)
@@ -133,14 +142,8 @@ class LearnerWorker:
             # A rank with fewer micro-batches (or none) joins the extra reductions with zero gradients.
             self.engine.backward(sum(p.sum() for p in self.engine.module.parameters()) * 0.0)
         for batch in batches:
-            advantages = None
-            if kind == "distill":
-                missing = sum(p.teacher_logprobs is None for p in batch)
-                if missing:
-                    raise ValueError(f"distill step: {missing} paths were not scored by a teacher")
-                advantages = [distill_advantages(p.logprobs, p.teacher_logprobs, p.loss_mask, p.advantage or 0.0,
-                                                 rl_weight) for p in batch]
-            loss, stats = self._micro_loss(pad_paths(batch, advantages=advantages), kind, totals)
+            loss, stats = self._micro_loss(self._batch_tensors(batch, kind, rl_weight, totals.get("reverse_kl")),
+                                           kind, totals)
             self.engine.backward(loss * self.world_size)
             for k, v in stats.items():
                 sums[k] = max(sums.get(k, v), v) if k.endswith("_max") else sums.get(k, 0.0) + v
@@ -149,8 +152,50 @@ class LearnerWorker:
         sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return sums
 
+    def _micro_batches(self, paths: list[Path]) -> list[list[Path]]:
+        """Tree training: micro-batches of whole paths whose packed tries fit the token budget;
+        otherwise padded micro-batches of similar-length paths."""
+        if not paths:
+            return []
+        if not self.cfg.tree_training:
+            return micro_batches(paths, self.cfg.micro_batch_tokens)
+        return [[paths[i] for i in group]
+                for group in tree_micro_batches([p.tokens for p in paths], self.cfg.micro_batch_tokens)]
+
+    def _batch_tensors(self, batch: list[Path], kind: str, rl_weight: float,
+                       kl_mean: dict[str, float] | None = None) -> dict:
+        """The per-path [B, T-1] loss inputs (`pad_paths`); under tree training also the packed
+        trie (key "tree") whose log-probs `_token_logprobs` gathers into that layout."""
+        advantages = None
+        if kind == "distill":
+            missing = sum(p.teacher_logprobs is None for p in batch)
+            if missing:
+                raise ValueError(f"distill step: {missing} paths were not scored by a teacher")
+            advantages = [distill_advantages(p.logprobs, p.teacher_logprobs, p.loss_mask, p.advantage or 0.0,
+                                             rl_weight, (kl_mean or {}).get(p.domain, 0.0)) for p in batch]
+        tensors = pad_paths(batch, advantages=advantages)
+        if self.cfg.tree_training:
+            tensors["tree"] = pack_paths([p.tokens for p in batch])
+        if self.cfg.loss.mcla.routing_replay:   # MoE: the experts the engine chose, laid out like the forward
+            tensors["routes"] = forward_plan(self.engine, [p.meta for p in batch], tensors["tokens"].shape[1],
+                                             tensors.get("tree"))
+        return tensors
+
+    def _mcla_logprobs(self, batch: dict, logprobs: torch.Tensor) -> torch.Tensor | None:
+        """MCLA on the learner side: log pi_old for the IS weight as the mean of this forward and
+        K - 1 more (None when K = 1)."""
+        k = mcla_passes(self.cfg.loss.mcla, routing(self.engine) is not None)[1]
+        if k <= 1:
+            return None
+
+        def another() -> torch.Tensor:
+            with torch.no_grad(), replay_routes(self.engine, batch.get("routes")):
+                return self._token_logprobs(batch)
+        return average_passes(logprobs, another, k)
+
     def _micro_loss(self, batch: dict, kind: str, totals: dict) -> tuple[torch.Tensor, dict]:
-        logprobs = self._token_logprobs(batch)
+        with replay_routes(self.engine, batch.get("routes")):
+            logprobs = self._token_logprobs(batch)
         mask = batch["loss_mask"].to(self.device)
         n_tokens = float(mask.sum())
         loss_cfg = self.cfg.loss
@@ -160,7 +205,8 @@ class LearnerWorker:
         else:
             # One optimizer step per batch: the proximal policy pi_old is the current one.
             token_loss, stats = policy_token_loss(logprobs, logprobs.detach(), batch["behaviour"].to(self.device),
-                                                  batch["advantage"].to(self.device), mask, loss_cfg)
+                                                  batch["advantage"].to(self.device), mask, loss_cfg,
+                                                  is_logprobs=self._mcla_logprobs(batch, logprobs))
             mode = loss_cfg.aggregation
         loss = aggregate(token_loss, mask, mode, totals["loss_tokens"], totals["num_paths"],
                          loss_cfg.constant_norm)
@@ -170,6 +216,10 @@ class LearnerWorker:
         out["loss"] = float(loss.detach())
         out["nll_sum"] = float(-(logprobs.detach() * mask).sum())
         out["loss_tokens"] = n_tokens
+        # Tokens of the paths and tokens the forward ran on (unique ones, or padded rows): their
+        # ratio over the step is the dedup ratio the group reports.
+        out["path_tokens"] = float(batch["attention"].sum())
+        out["forward_tokens"] = float(batch["tree"].num_tokens if "tree" in batch else batch["tokens"].numel())
         return loss, out
 
     # -- weights ----------------------------------------------------------------------------

@@ -28,15 +28,17 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3MoeConfig,
 )
 
 from rayrl.config import ModelConfig, TinyModelConfig, expand
+from rayrl.models.moe import ROUTER_NOISE, install_routing
 from rayrl.models.tokenizer import EOS, IM_END, build_char_tokenizer
 
 # Bump when build_tiny_model changes what it writes, so that cached folders are rebuilt.
 TINY_FORMAT = 1
 
-_FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config}
+_FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3_moe": Qwen3MoeConfig}
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2 = "smollm2"  # the value of ModelConfig.path that selects the packaged SmolLM2
@@ -46,13 +48,20 @@ def build_tiny_model(out_dir: str, cfg: TinyModelConfig, seed: int = 0) -> str:
     """Write a randomly initialised tiny causal LM and its character tokenizer to `out_dir`.
 
     The weights depend only on `cfg` and `seed` (the global torch RNG is left untouched).
-    Embeddings are tied, as in the small real models (SmolLM2, Qwen2-0.5B).
+    Embeddings are tied, as in the small real models (SmolLM2, Qwen2-0.5B). `qwen3_moe` is a
+    mixture-of-experts model (every layer's MLP a routed set of experts) whose routing noise
+    (`router_noise`, see rayrl.models.moe) is saved in its config.
     """
     if cfg.family not in _FAMILIES:
         raise ValueError(f"tiny model family {cfg.family!r} is not one of {', '.join(_FAMILIES)}")
     tokenizer = build_char_tokenizer()
     im_end, eos = tokenizer.convert_tokens_to_ids([IM_END, EOS])
+    moe = {} if cfg.family != "qwen3_moe" else {
+        "num_experts": cfg.num_experts, "num_experts_per_tok": cfg.experts_per_token,
+        "moe_intermediate_size": cfg.expert_size, "norm_topk_prob": True,
+        "head_dim": cfg.hidden_size // cfg.num_heads, ROUTER_NOISE: cfg.router_noise}
     config = _FAMILIES[cfg.family](
+        **moe,
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -112,6 +121,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel
     """Load a causal LM from a local HF folder (never from a hub), in eval mode."""
     _require_dir(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    install_routing(model)   # MoE models only: router noise, recording and replay of expert choices
     return model.eval()
 
 

@@ -4,6 +4,11 @@ It also paces the generators: a new group may start only if the learner step tha
 it is at most `max_staleness` versions ahead of the weights it will be sampled with (the newest
 version handed to the generators, `set_version`). With `max_staleness=0` this makes the loop
 synchronous; nothing else changes.
+
+With a finite prompt set (`set_prompts`), admission also hands the generator its task, so the
+buffer owns the epochs, the stage's domain mix and SRPO History Resampling (rayrl.replay.prompts);
+every graded group it receives is recorded against its prompt. `state_dict` / `load_state_dict`
+carry that record (and the drop counters) through checkpoints.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ from __future__ import annotations
 import asyncio
 from collections import Counter, deque
 
-from rayrl.algo.advantages import is_zero_variance
+from rayrl.algo.resampling import ALL_CORRECT, ALL_WRONG, MIXED, group_outcome, keep_group, valid_rewards
+from rayrl.replay.prompts import PromptSet
 
 
 class ReplayBuffer:
@@ -28,6 +34,9 @@ class ReplayBuffer:
         self._learner_next = 0      # version the learner trains at next, once a batch was taken
         self.dropped: Counter = Counter()
         self.received = 0
+        self.samples = Counter()    # valid samples received, those with a non-zero advantage, by outcome
+        self.success = 1.0          # the reward at which a sample counts as correct
+        self.prompts: PromptSet | None = None
         self._changed = asyncio.Condition()
         self._closed = False
 
@@ -43,8 +52,19 @@ class ReplayBuffer:
             self.version = version
             self._changed.notify_all()
 
-    async def acquire(self, timeout: float = 1.0) -> bool:
-        """Admit one new group; False on timeout or after close."""
+    def set_prompts(self, tasks: list[dict], resampling: str = "none", success: float = 1.0, seed: int = 0) -> None:
+        """Hand out these tasks (dicts of envs.Task's fields) in epochs from now on; resampling
+        none | history (SRPO)."""
+        self.success = success
+        self.prompts = PromptSet(tasks, history=resampling == "history", success=success, seed=seed)
+
+    def set_stage(self, weights: dict[str, float]) -> None:
+        """The domain mix of the prompts handed out from now on (a schedule's stage)."""
+        self.prompts.set_weights(weights)
+
+    async def acquire(self, timeout: float = 1.0) -> bool | dict:
+        """Admit one new group: its task (a dict) when the buffer hands out prompts, else True;
+        False on timeout or after close."""
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(lambda: self._closed or self.may_start()), timeout)
@@ -53,12 +73,18 @@ class ReplayBuffer:
             if self._closed:
                 return False
             self._outstanding += 1
-            return True
+            return self.prompts.next() if self.prompts else True
 
     async def put(self, meta: dict, tree_ref: list) -> str:
         """Store a graded group (`tree_ref` is a one-element list, so Ray keeps it a reference)."""
         async with self._changed:
             self.received += 1
+            valid = valid_rewards(meta["rewards"])
+            self.samples["received"] += len(valid)
+            self.samples["useful"] += len(valid) if keep_group(valid) else 0
+            self.samples[group_outcome(valid, self.success)] += len(valid)
+            if self.prompts and meta.get("task_id") is not None:
+                self.prompts.record(meta["domain"], meta["task_id"], meta["rewards"])
             reason = self._reject_reason(meta)
             if reason:
                 self._drop(reason)
@@ -68,10 +94,9 @@ class ReplayBuffer:
             return reason or "kept"
 
     def _reject_reason(self, meta: dict) -> str | None:
-        valid = [r for r in meta["rewards"] if r is not None]
         if meta["infra_failures"] == meta["num_paths"]:
             return "infra_failure"
-        if self.filter_zero_variance and is_zero_variance(valid):
+        if self.filter_zero_variance and not keep_group(meta["rewards"]):   # DAPO dynamic sampling
             return "zero_variance"
         if len(self._items) >= self.capacity:
             return "overflow"
@@ -118,4 +143,24 @@ class ReplayBuffer:
     def stats(self) -> dict:
         return {"size": len(self._items), "outstanding": self._outstanding, "consumed": self._consumed,
                 "version": self.version,
-                "received": self.received, **{f"dropped_{k}": v for k, v in self.dropped.items()}}
+                "received": self.received, **{f"dropped_{k}": v for k, v in self.dropped.items()},
+                # share of the rolled-out samples that carried a GRPO signal (before any filter)
+                "rollout_effective": self.samples["useful"] / max(self.samples["received"], 1),
+                # rolled-out samples by their group's outcome (History Resampling avoids all_correct ones)
+                **{f"samples_{k}": self.samples[k] for k in (ALL_CORRECT, ALL_WRONG, MIXED)},
+                **(self.prompts.stats() if self.prompts else {})}
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """JSON-able: the prompt set's epochs and outcome record, and the counters."""
+        return {"prompts": self.prompts.state_dict() if self.prompts else None, "dropped": dict(self.dropped),
+                "received": self.received, "samples": dict(self.samples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore after `set_prompts` with the same tasks (the record is checked against them)."""
+        if (state["prompts"] is None) != (self.prompts is None):
+            raise ValueError("the saved buffer state and this buffer disagree on whether prompts are handed out")
+        if self.prompts:
+            self.prompts.load_state_dict(state["prompts"])
+        self.dropped, self.received = Counter(state["dropped"]), state["received"]
+        self.samples = Counter(state["samples"])

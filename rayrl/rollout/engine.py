@@ -40,6 +40,8 @@ class Completion:
     logprobs: np.ndarray    # float32 log-prob of each sampled token (see the module's convention)
     finish_reason: str      # "stop" (emitted a stop token) | "length" (reached max_new_tokens)
     version: int            # weight version that produced it
+    # MoE routing replay: the experts of every token of prompt + completion [tokens, layers, k]
+    routes: np.ndarray | None = None
 
 
 class Engine(abc.ABC):

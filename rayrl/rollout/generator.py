@@ -20,7 +20,9 @@ import numpy as np
 
 from envs import Task, make_env
 from envs.pools import local_pool
+from rayrl.algo.mcla import mcla_passes
 from rayrl.models import chat_prompt_ids, load_tokenizer
+from rayrl.models.moe import routes_to_bytes, routing
 from rayrl.rollout.agent import EpisodeLimits, oracle_episode, play_task
 from rayrl.rollout.engine import Completion, SamplingParams
 from rayrl.sandbox.base import SandboxInfraError
@@ -79,14 +81,16 @@ class _Batcher:
             self.busy_s += time.perf_counter() - start
             for (_, request, fut), out in zip(group, outs):
                 if len(out.tokens) > request.max_new_tokens:
-                    n = request.max_new_tokens
-                    out = Completion(out.tokens[:n], out.logprobs[:n], "length", out.version)
+                    n, cut = request.max_new_tokens, len(out.tokens) - request.max_new_tokens
+                    out = Completion(out.tokens[:n], out.logprobs[:n], "length", out.version,
+                                     None if out.routes is None else out.routes[:len(out.routes) - cut])
                 self.tokens += len(out.tokens)
                 fut.set_result(out)
 
 
 class RolloutGenerator:
-    def __init__(self, model_path: str, rollout_cfg, task_cfg, seed: int = 0, torch_threads: int = 1):
+    def __init__(self, model_path: str, rollout_cfg, task_cfg, seed: int = 0, torch_threads: int = 1,
+                 mcla=None):
         import torch
 
         from rayrl.rollout.torch_engine import TorchEngine
@@ -94,6 +98,10 @@ class RolloutGenerator:
         self.cfg = rollout_cfg
         self.tokenizer = load_tokenizer(model_path)
         self.engine = TorchEngine(model_path, max_batch=rollout_cfg.max_batch, seed=seed)
+        if mcla is not None:   # MCLA's engine-side passes and MoE routing replay (LossConfig.mcla)
+            moe = routing(self.engine.model) is not None
+            self.engine.logprob_passes = mcla_passes(mcla, moe)[0]
+            self.engine.record_routes = bool(mcla.routing_replay and moe)
         self.pool = local_pool(task_cfg)
         self.env = make_env(task_cfg, seed, pool=self.pool)
         self.rng = random.Random(seed)
@@ -188,8 +196,9 @@ class RolloutGenerator:
         tree = TrajectoryTree(prompt, meta={"group_id": group_id, "task": vars(task)})
         for c, failure in episodes:
             n = len(c.tokens)
+            routes = {} if c.routes is None else {"routes": routes_to_bytes(c.routes)}   # routing replay
             leaf = tree.add(0, c.tokens, c.logprobs, np.ones(n, np.uint8), np.full(n, c.version, np.int32),
-                            meta={"finish_reason": c.finish_reason})
+                            meta={"finish_reason": c.finish_reason, **routes})
             if failure:
                 tree.nodes[leaf].infra_failure = True
                 tree.nodes[leaf].reward_info = {"infra_error": failure}
@@ -204,10 +213,12 @@ class RolloutGenerator:
 
         async def worker(slot: int) -> None:
             while self._running:
-                if not await buffer.acquire.remote():
+                ticket = await buffer.acquire.remote()
+                if not ticket:
                     continue
                 n = next(counter)
-                task = self.env.sample(self.rng)
+                # A buffer with a prompt set names the task (epochs, History Resampling, stages).
+                task = Task(**ticket) if isinstance(ticket, dict) else self.env.sample(self.rng)
                 tree = await self.rollout_group(task, f"{self.seed}-{n}")
                 if teachers:
                     tree = teachers[task.domain].score.remote(tree)
@@ -261,6 +272,23 @@ class RolloutGenerator:
 
         trees = await asyncio.gather(*(one(t) for t in tasks))
         return [(summarize(t), ray.put(t)) for t in trees]
+
+    # -- tasks --------------------------------------------------------------------------------
+    def train_tasks(self, n: int, seed: int) -> list[dict]:
+        """A finite training set: n distinct training tasks per domain (fewer where the domain's
+        task space is smaller), as dicts for the buffer to hand out."""
+        rng = random.Random(seed)
+        envs = getattr(self.env, "envs", None) or {self.env.domain: self.env}   # a mixture, or one domain
+        out = []
+        for name, env in envs.items():
+            tasks: dict[str, Task] = {}
+            for _ in range(50 * n):
+                task = env.sample(rng)
+                tasks.setdefault(task.id, replace(task, domain=name))
+                if len(tasks) == n:
+                    break
+            out += [vars(t) for t in tasks.values()]
+        return out
 
     # -- evaluation ---------------------------------------------------------------------------
     def eval_tasks(self, n: int) -> list[dict]:

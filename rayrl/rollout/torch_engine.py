@@ -8,7 +8,9 @@ that emit a stop token leave the batch (their cache rows are dropped) so they co
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from transformers import DynamicCache
 
 from rayrl.algo.logprobs import gather_logprobs
 from rayrl.models import load_model, load_state_dict_numpy
+from rayrl.models.moe import replay_routes, routing
 from rayrl.rollout.engine import Completion, Engine, SamplingParams, TokenIds
 
 
@@ -26,6 +29,9 @@ class TorchEngine(Engine):
         self.model = load_model(path, dtype)
         self.max_batch = max_batch
         self.version = 0
+        # MCLA / routing replay on the engine side (set from the run's MCLAConfig by the generator).
+        self.logprob_passes = 1
+        self.record_routes = False
         self._generator = torch.Generator().manual_seed(seed)
         # transformers 5.24 renamed `past_key_values` to `cache` (the old name is deprecated).
         params = inspect.signature(self.model.forward).parameters
@@ -41,7 +47,21 @@ class TorchEngine(Engine):
         for chunk in self._chunks(prompts):
             for i, completion in zip(chunk, self._generate_batch([prompts[i] for i in chunk], params, generator)):
                 results[i] = completion
-        return results
+        return self._rescore(prompts, results, params)
+
+    def _rescore(self, prompts: list[np.ndarray], completions: list[Completion],
+                 params: SamplingParams) -> list[Completion]:
+        """MCLA on the engine side: the behaviour log-probs as the mean of `logprob_passes`
+        scoring passes instead of the sampling pass's single estimate; with `record_routes` the
+        experts of the first pass go with the completion (routing replay). Greedy decoding
+        (evaluation) trains nothing, so it keeps the sampling pass's values."""
+        record = self.record_routes and routing(self.model) is not None
+        if params.temperature == 0 or (self.logprob_passes <= 1 and not record):
+            return completions
+        logprobs, routes = self.score_passes(prompts, [c.tokens for c in completions],
+                                             params.logprob_temperature(), self.logprob_passes, record)
+        return [replace(c, logprobs=lp, routes=None if routes is None else routes[i])
+                for i, (c, lp) in enumerate(zip(completions, logprobs))]
 
     @torch.inference_mode()
     def score(self, prompts: list[TokenIds], continuations: list[TokenIds],
@@ -51,22 +71,44 @@ class TorchEngine(Engine):
         Left padding right-aligns the continuations, so only the last `max continuation + 1`
         positions need logits (the vocabulary projection dominates memory for real models).
         """
+        return self.score_passes(prompts, continuations, temperature)[0]
+
+    @torch.inference_mode()
+    def score_passes(self, prompts: list[TokenIds], continuations: list[TokenIds], temperature: float = 1.0,
+                     passes: int = 1, record_routes: bool = False) -> tuple[list[np.ndarray], list | None]:
+        """`score` as the mean over `passes` forward passes (MCLA), and with `record_routes` (MoE
+        models) the experts of every token of `prompt + continuation` [tokens, layers, k] chosen
+        in the first pass, which the later passes then replay (routing replay)."""
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        control = routing(self.model) if record_routes else None
         prompts = _as_id_arrays(prompts)
         continuations = [np.asarray(c, dtype=np.int64).reshape(-1) for c in continuations]
         sequences = [np.concatenate([p, c]) for p, c in zip(prompts, continuations)]
         results: list[np.ndarray | None] = [None] * len(prompts)
+        routes: list | None = [None] * len(prompts) if control is not None else None
         for chunk in self._chunks(sequences):
             input_ids, attention_mask = _left_pad([sequences[i] for i in chunk])
             longest = max(len(continuations[i]) for i in chunk)
-            logits = self._forward(input_ids, attention_mask, _position_ids(attention_mask),
-                                   cache=None, logits_to_keep=longest + 1)
             labels = input_ids[:, input_ids.shape[1] - longest:]
-            logprobs = gather_logprobs(logits[:, :-1], labels, temperature).numpy()
+            plan, total = None, 0.0
+            for i in range(passes):
+                recording = control is not None and i == 0
+                with control.record() if recording else contextlib.nullcontext(), replay_routes(self.model, plan):
+                    logits = self._forward(input_ids, attention_mask, _position_ids(attention_mask),
+                                           cache=None, logits_to_keep=longest + 1)
+                if recording:
+                    plan = control.recorded()
+                total = total + gather_logprobs(logits[:, :-1], labels, temperature)
+            logprobs = (total / passes).numpy()
             for row, i in enumerate(chunk):
                 results[i] = logprobs[row, longest - len(continuations[i]):].astype(np.float32)
-        return results
+            if control is not None:
+                width = input_ids.shape[1]
+                per_row = plan.reshape(len(chunk), width, control.num_layers, control.top_k).numpy()
+                for row, i in enumerate(chunk):
+                    routes[i] = per_row[row, width - len(sequences[i]):]
+        return results, routes
 
     def load_weights(self, state_dict: dict[str, np.ndarray], version: int) -> None:
         load_state_dict_numpy(self.model, state_dict)

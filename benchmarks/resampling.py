@@ -1,0 +1,111 @@
+"""History Resampling (SRPO) versus dynamic sampling (DAPO) versus vanilla GRPO, same training.
+
+The task is recipes/grpo.yaml's integer addition with a finite training set (replay.prompts
+tasks, iterated in epochs) and its imperfect warm start (SFT demonstrations off by one on 60% of
+the tasks), from which RL soon solves part of the prompts. One warm start is shared; from it each
+arm runs the same number of asynchronous GRPO steps on the same prompts and seed, evaluated on
+the held-out tasks every `eval_every` steps:
+
+  vanilla   every group is trained on, zero-advantage ones included (the baseline)
+  dynamic   DAPO dynamic sampling: all-0 and all-1 groups are dropped and rolled out anew
+  hr        SRPO History Resampling: prompts whose latest group was all correct leave the set at
+            each epoch boundary; mixed and all-wrong ones stay (no per-step filter)
+
+Per arm: the effective ratio (share of trained samples with a non-zero advantage, mean over the
+steps), the rollout yield (the same share over every rolled-out sample, filtered or not), the
+shares of rolled-out samples in all-correct and all-wrong groups, the first step whose held-out
+reward reaches the target and the groups rolled out by then, and the held-out reward at the start
+and the end.
+
+    python benchmarks/resampling.py [steps=60] [target=0.8] [prompts=128] [eval_every=2]
+        [warm=CHECKPOINT] [arms=vanilla,dynamic,hr] [any.config.key=value ...]
+
+(`warm`: reuse the warm-start checkpoint of an earlier run; config keys apply to every run, e.g.
+rollout.temperature=0.5.) Last line: one JSON object with effective_ratio_{hr,dynamic,vanilla},
+steps_to_target_{...} (null if never reached) and the targets' checks.
+"""
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rayrl.config import GRPOConfig, load  # noqa: E402
+
+RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "grpo.yaml")
+ARMS = {"vanilla": ["replay.filter_zero_variance=false", "replay.resampling=none"],
+        "dynamic": ["replay.filter_zero_variance=true", "replay.resampling=none"],
+        "hr": ["replay.filter_zero_variance=false", "replay.resampling=history"]}
+OUTCOMES = ("all_correct", "all_wrong", "mixed")
+NAMES = {"vanilla": "vanilla GRPO", "dynamic": "dynamic sampling (DAPO)", "hr": "History Resampling (SRPO)"}
+
+
+DEFAULTS = {"steps": "60", "target": "0.8", "prompts": "128", "eval_every": "2", "warm": "",
+            "arms": ",".join(ARMS)}
+
+
+def config(run_dir: str, overrides: list[str]):
+    return load(GRPOConfig, RECIPE, [f"run.dir={run_dir}", "run.progress=false", *overrides])
+
+
+def arm(model: str, overrides: list[str], args: dict, run_dir: str) -> dict:
+    from rayrl.pipeline import run
+    cfg = config(run_dir, [*args["config"], f"model.path={model}", "trainer.sft.steps=0",
+                           f"trainer.total_steps={args['steps']}", f"trainer.eval.every={args['eval_every']}",
+                           f"replay.prompts={args['prompts']}", *overrides])
+    summary = run(cfg)
+    steps = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    reached = [s for s in steps if "eval" in s and s["eval"] >= args["target"]]
+    first, last = (reached[0] if reached else None), steps[-1]
+    rolled = max(sum(last[f"buffer/samples_{o}"] for o in OUTCOMES), 1)
+    return {"effective_ratio": sum(s["effective_ratio"] for s in steps) / len(steps),
+            "rollout_yield": last["buffer/rollout_effective"],
+            "rollout_all_correct": last["buffer/samples_all_correct"] / rolled,
+            "rollout_all_wrong": last["buffer/samples_all_wrong"] / rolled,
+            "steps_to_target": int(first["step"]) if first else None,
+            "groups_to_target": int(first["buffer/received"]) if first else None,
+            "eval_start": summary["eval_before"], "eval_final": summary["eval_after"],
+            "groups_rolled_out": int(last["buffer/received"])}
+
+
+def main(argv: list[str]) -> None:
+    from rayrl.pipeline import run
+    config_args = [a for a in argv if "." in a.split("=", 1)[0]]   # config keys, for every run
+    args = {**DEFAULTS, **dict(a.split("=", 1) for a in argv if a not in config_args)}
+    args = {"steps": int(args["steps"]), "target": float(args["target"]), "prompts": int(args["prompts"]),
+            "eval_every": int(args["eval_every"]), "warm": args["warm"], "arms": args["arms"].split(","),
+            "config": config_args}
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = args["warm"] or run(config(os.path.join(tmp, "warm"), [*config_args, "trainer.total_steps=0"]))[
+            "checkpoint"]
+        results = {name: arm(warm, ARMS[name], args, os.path.join(tmp, name)) for name in args["arms"]}
+    print(f"\n{args['steps']} GRPO steps from one warm start, {args['prompts']} training prompts, held-out reward "
+          f"every {args['eval_every']} steps, target {args['target']}; config {' '.join(config_args) or '-'}")
+    print(f"{'':<27}{'effective':>10}{'rollout':>9}{'rolled out':>11}{'rolled out':>11}{'steps to':>10}"
+          f"{'groups to':>11}{'held-out':>10}{'held-out':>10}")
+    print(f"{'':<27}{'ratio':>10}{'yield':>9}{'all right':>11}{'all wrong':>11}{'target':>10}{'target':>11}"
+          f"{'start':>10}{'final':>10}")
+    for name, r in results.items():
+        to = lambda v: "-" if v is None else str(v)  # noqa: E731
+        print(f"{NAMES[name]:<27}{r['effective_ratio']:>10.3f}{r['rollout_yield']:>9.3f}"
+              f"{r['rollout_all_correct']:>11.3f}{r['rollout_all_wrong']:>11.3f}{to(r['steps_to_target']):>10}"
+              f"{to(r['groups_to_target']):>11}{r['eval_start']:>10.3f}{r['eval_final']:>10.3f}")
+    out = {f"{k}_{name}": (round(v, 4) if isinstance(v, float) else v) for name, r in results.items() for k, v in r.items()}
+    out.update({k: args[k] for k in ("target", "steps", "prompts", "config")})
+    hr, vanilla = results.get("hr"), results.get("vanilla")
+    if hr and vanilla:
+        faster = hr["steps_to_target"] is not None and (vanilla["steps_to_target"] is None
+                                                        or hr["steps_to_target"] < vanilla["steps_to_target"])
+        print(f"targets: effective_ratio_hr >= 0.95: {hr['effective_ratio'] >= 0.95}; "
+              f"HR reaches the target in fewer steps than vanilla: {faster}")
+        out.update({"target_effective_ratio_met": hr["effective_ratio"] >= 0.95, "target_faster_met": faster})
+    print(f"wall {time.time() - start:.0f} s")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
