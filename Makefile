@@ -30,6 +30,7 @@ test: setup
 bench: setup
 	$(PY) benchmarks/tree_codec.py
 	$(PY) benchmarks/async_vs_sync.py
+	$(PY) benchmarks/tree_training.py
 
 clean:
 	rm -rf runs .pytest_cache
