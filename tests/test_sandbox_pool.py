@@ -78,12 +78,13 @@ async def test_saturation_queues_then_fails_clearly():
 async def test_expired_lease_is_reclaimed_and_heartbeat_keeps_it():
     p = pool(min_idle=0)
     try:
-        kept = await p.lease(ttl_s=0.4)
-        lost = await p.lease(ttl_s=0.4)
+        # A TTL ten heartbeats long: a loaded machine that delays one heartbeat must not expire `kept`.
+        kept = await p.lease(ttl_s=1.5)
+        lost = await p.lease(ttl_s=1.5)
         pids = p._leases[lost].sandbox.pids()
-        for _ in range(6):
+        for _ in range(14):
             await asyncio.sleep(0.15)
-            p.heartbeat(kept, ttl_s=0.4)
+            p.heartbeat(kept, ttl_s=1.5)
         with pytest.raises(LeaseExpired):
             await p.exec(lost, "true")
         assert (await p.exec(kept, "echo alive")).stdout == b"alive\n"
