@@ -94,7 +94,8 @@ def main(argv: list[str]) -> None:
         print(f"{NAMES[name]:<27}{r['effective_ratio']:>10.3f}{r['rollout_yield']:>9.3f}"
               f"{r['rollout_all_correct']:>11.3f}{r['rollout_all_wrong']:>11.3f}{to(r['steps_to_target']):>10}"
               f"{to(r['groups_to_target']):>11}{r['eval_start']:>10.3f}{r['eval_final']:>10.3f}")
-    out = {f"{k}_{name}": (round(v, 4) if isinstance(v, float) else v) for name, r in results.items() for k, v in r.items()}
+    out = {f"{k}_{name}": (round(v, 4) if isinstance(v, float) else v)
+           for name, r in results.items() for k, v in r.items()}
     out.update({k: args[k] for k in ("target", "steps", "prompts", "config")})
     hr, vanilla = results.get("hr"), results.get("vanilla")
     if hr and vanilla:

@@ -236,7 +236,7 @@ class StageConfig:
 class SRPOSpec:
     stages: list[StageConfig] = field(default_factory=lambda: [
         StageConfig(name="math", domains={"math": 1.0}, steps=20),
-        StageConfig(name="math+code", domains={"math": 0.5, "code": 0.5}, steps=20)])
+        StageConfig(name="math+code", domains={"math": 0.75, "code": 0.25}, steps=20)])
     eval_every: int = 5               # held-out evaluation period within a stage, in steps (0 = stage ends only)
 
 

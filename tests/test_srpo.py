@@ -30,9 +30,9 @@ def test_a_stage_ends_by_steps_or_by_plateau():
 
 
 def test_stage_list_elements_can_be_overridden():
-    cfg = load(SRPOConfig, YAML, ["srpo.stages.0.steps=7", "srpo.stages.1.domains.code=0.25"])
+    cfg = load(SRPOConfig, YAML, ["srpo.stages.0.steps=7", "srpo.stages.1.domains.code=0.5"])
     assert cfg.srpo.stages[0].steps == 7
-    assert cfg.srpo.stages[1].domains == {"math": 0.5, "code": 0.25}
+    assert cfg.srpo.stages[1].domains == {"math": 0.75, "code": 0.5}
     assert cfg.replay.resampling == "history" and cfg.replay.prompts > 0
 
 

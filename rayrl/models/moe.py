@@ -88,7 +88,8 @@ class RoutingControl:
         probs = torch.softmax(logits.float(), dim=-1)
         if self._plan is not None:
             if self._plan.shape[0] != hidden.shape[0]:
-                raise ValueError(f"routing plan has {self._plan.shape[0]} rows for a forward of {hidden.shape[0]} tokens")
+                raise ValueError(f"routing plan has {self._plan.shape[0]} rows for a forward of "
+                                 f"{hidden.shape[0]} tokens")
             planned = self._plan[:, layer].to(device=hidden.device, dtype=torch.long)
             indices = torch.where(planned >= 0, planned, torch.topk(probs, self.top_k, dim=-1).indices)
         else:
