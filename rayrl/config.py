@@ -8,6 +8,7 @@ actor starts.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -358,6 +359,15 @@ def validate(cfg) -> None:
 
 
 _MISSING = object()
+
+
+def load_recipe(schema: type, yaml_path: str | list[str], argv: list[str]):
+    """`load` for a recipe's main(): a bad config prints its cause and exits with status 2."""
+    try:
+        return load(schema, yaml_path, argv)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def load(schema: type, yaml_path: str | list[str] | None = None, argv: list[str] | None = None):

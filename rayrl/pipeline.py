@@ -242,16 +242,23 @@ def archive_previous_run(run_dir: str) -> str | None:
     return None
 
 
-def run(cfg) -> dict:
-    """SFT warm start, evaluation, asynchronous GRPO, evaluation; returns the summary."""
-    from tqdm import tqdm
-
+def start_run(cfg) -> tuple[str, MetricsLogger, str | None]:
+    """A fresh run directory (an earlier run in it is moved aside), Ray, the metrics log and the
+    config as run: (run dir, log, where the earlier run went)."""
     run_dir = expand(cfg.run.dir)
-    archive_previous_run(run_dir)
+    moved = archive_previous_run(run_dir)
     init_ray(cfg.run)
     log = MetricsLogger(run_dir)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(to_dict(cfg), f, indent=2)
+    return run_dir, log, moved
+
+
+def run(cfg) -> dict:
+    """SFT warm start, evaluation, asynchronous GRPO, evaluation; returns the summary."""
+    from tqdm import tqdm
+
+    run_dir, log, _ = start_run(cfg)
     model_path = resolve_model_path(cfg.model)
     start = time.time()
     roles = spawn(cfg, model_path)

@@ -13,17 +13,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import numpy as np
 import ray
 
-from rayrl.config import expand, to_dict
-from rayrl.metrics import MetricsLogger
 from rayrl.models import resolve_model_path
-from rayrl.pipeline import Trainer, archive_previous_run, init_ray, spawn
+from rayrl.pipeline import Trainer, spawn, start_run
 
 
 def plateaued(scores: list[float], patience: int, delta: float) -> bool:
@@ -75,12 +71,7 @@ def srpo(cfg) -> dict:
     """Warm start, then the stage schedule; returns the summary (also written to summary.json)."""
     from tqdm import tqdm
 
-    run_dir = expand(cfg.run.dir)
-    archive_previous_run(run_dir)
-    init_ray(cfg.run)
-    log = MetricsLogger(run_dir)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(to_dict(cfg), f, indent=2)
+    run_dir, log, _ = start_run(cfg)
     model_path = resolve_model_path(cfg.model)
     start = time.time()
     roles = spawn(cfg, model_path)

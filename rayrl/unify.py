@@ -24,10 +24,10 @@ import time
 import numpy as np
 import ray
 
-from rayrl.config import expand, to_dict
+from rayrl.config import expand
 from rayrl.metrics import MetricsLogger
 from rayrl.models import resolve_model_path
-from rayrl.pipeline import Trainer, archive_previous_run, init_ray, run, spawn
+from rayrl.pipeline import Trainer, run, spawn, start_run
 from rayrl.rollout.generator import RolloutGenerator
 from rayrl.rollout.teacher import Teacher
 
@@ -156,17 +156,11 @@ def offpolicy_batches(cfg, experts: dict[str, dict], seed: int):
 def unify(cfg) -> dict:
     from tqdm import tqdm
 
-    run_dir = expand(cfg.run.dir)
+    run_dir, log, moved = start_run(cfg)
     reuse_dir = expand(cfg.unify.reuse) if cfg.unify.reuse else None
-    moved = archive_previous_run(run_dir)
     if reuse_dir == run_dir:
         reuse_dir = moved
-    init_ray(cfg.run)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(to_dict(cfg), f, indent=2)
     start = time.time()
-    log = MetricsLogger(run_dir)
     base = train_base(cfg, run_dir, reuse_dir, log)
     base_s = time.time() - start
     experts = train_experts(cfg, run_dir, reuse_dir, base)

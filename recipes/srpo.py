@@ -13,15 +13,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rayrl.config import ConfigError, SRPOConfig, load  # noqa: E402
+from rayrl.config import SRPOConfig, load_recipe  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    try:
-        cfg = load(SRPOConfig, os.path.join(os.path.dirname(os.path.abspath(__file__)), "srpo.yaml"), argv)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_recipe(SRPOConfig, os.path.join(os.path.dirname(os.path.abspath(__file__)), "srpo.yaml"), argv)
     from rayrl.srpo import print_table, srpo
     print_table(srpo(cfg))
     return 0

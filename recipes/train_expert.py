@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rayrl.config import ConfigError, GRPOConfig, load  # noqa: E402
+from rayrl.config import GRPOConfig, load_recipe  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -32,11 +32,7 @@ def expert_args(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    try:
-        cfg = load(GRPOConfig, os.path.join(HERE, "train_expert.yaml"), expert_args(argv))
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_recipe(GRPOConfig, os.path.join(HERE, "train_expert.yaml"), expert_args(argv))
     from rayrl.pipeline import print_summary, run
     print_summary(run(cfg))
     return 0

@@ -15,18 +15,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rayrl.config import ConfigError, UnifyConfig, load  # noqa: E402
+from rayrl.config import UnifyConfig, load_recipe  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main(argv: list[str]) -> int:
-    try:
-        cfg = load(UnifyConfig, [os.path.join(HERE, "train_expert.yaml"), os.path.join(HERE, "unify_distill.yaml")],
-                   argv)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    cfg = load_recipe(UnifyConfig, [os.path.join(HERE, "train_expert.yaml"), os.path.join(HERE, "unify_distill.yaml")],
+                      argv)
     from rayrl.unify import print_table, unify
     print_table(unify(cfg))
     return 0
