@@ -115,7 +115,7 @@ def student_config(cfg):
     return sub
 
 
-def evaluate_experts(cfg, experts: dict[str, dict]) -> None:
+def evaluate_experts(cfg, experts: dict[str, dict], base: str) -> None:
     """Held-out score of the experts that came without one (reused checkpoints)."""
     for domain, expert in experts.items():
         if expert["eval"] is None:
@@ -164,7 +164,7 @@ def unify(cfg) -> dict:
     base = train_base(cfg, run_dir, reuse_dir, log)
     base_s = time.time() - start
     experts = train_experts(cfg, run_dir, reuse_dir, base)
-    evaluate_experts(cfg, experts)
+    evaluate_experts(cfg, experts, base)
     experts_s = time.time() - start - base_s
 
     scfg = student_config(cfg)
