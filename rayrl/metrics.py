@@ -24,7 +24,8 @@ class MetricsLogger:
         if name not in self._gauges:
             # Prometheus names allow [A-Za-z0-9_:] only ("learner/loss" -> "rayrl_learner_loss").
             metric = "rayrl_" + re.sub(r"[^A-Za-z0-9_:]", "_", name)
-            self._gauges[name] = Gauge(metric, description=f"rayrl {name} (last step)")
+            # Tagged with the run directory: the runs (jobs) on one cluster chart apart.
+            self._gauges[name] = Gauge(metric, description=f"rayrl {name} (last step)", tag_keys=("run",))
         return self._gauges[name]
 
     def log(self, step: int, values: dict) -> dict:
@@ -34,7 +35,7 @@ class MetricsLogger:
         if self._export:
             for k, v in record.items():
                 if isinstance(v, float) and math.isfinite(v):
-                    self._gauge(k).set(v)
+                    self._gauge(k).set(v, tags={"run": self.run_dir})
         return record
 
     def summary(self, values: dict) -> str:

@@ -10,20 +10,24 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import msgpack
 import numpy as np
 import ray
 
+from envs.pools import node_pools
 from rayrl.algo.distill import domain_reverse_kl
+from rayrl.algo.mismatch import check_served_versions
 from rayrl.algo.resampling import effective_fraction
-from rayrl.config import expand, to_dict
+from rayrl.config import check_resume, expand, role_demands, to_dict
 from rayrl.learner.group import LearnerGroup
 from rayrl.metrics import MetricsLogger
 from rayrl.models import load_tokenizer, resolve_model_path
 from rayrl.replay.buffer import ReplayBuffer
 from rayrl.reward.grader import RewardGrader
 from rayrl.rollout.generator import RolloutGenerator
+from rayrl.tree import decode, encode
 
 
 def init_ray(run_cfg) -> None:
@@ -42,24 +46,68 @@ class Roles:
     graders: list
     buffer: object
     learner: LearnerGroup
+    sandboxes: object = None   # the sandbox nodes' pools (a SandboxRouter), with config sandbox.node_resource
 
     def shutdown(self) -> None:
         self.learner.shutdown()
         for actor in [*self.generators, *self.graders, self.buffer]:
             ray.kill(actor)
+        if self.sandboxes is not None:
+            self.sandboxes.shutdown()
+            for pool in self.sandboxes.pools:
+                ray.kill(pool)
+
+
+def role_options(num_cpus: float, num_gpus: float = 0.0, resources: dict | None = None) -> dict:
+    """Ray actor options reserving a role's CPUs, GPUs and custom resources (its config's num_cpus,
+    num_gpus and resources: custom resources put a role on the nodes that offer them)."""
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(resources or {})}
+
+
+def check_resources(cfg) -> None:
+    """Some alive node must be able to hold one actor of each role (its CPUs, GPUs and custom
+    resources), and sandbox.node_resource must mark a node. In a local Ray instance a shortfall is
+    an error naming the config keys; on a cluster (RAY_ADDRESS) the actors wait for nodes that fit
+    them (an autoscaler adds them), and the wait is announced."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    missing = [f"{', '.join(f'{name} {v:g}' for name, v in need.items())} per actor ({keys})"
+               for keys, _, need in role_demands(cfg)
+               if not any(all(node.get(name, 0) >= v for name, v in need.items()) for node in nodes)]
+    marker = cfg.sandbox.node_resource
+    if marker and not any(node.get(marker, 0) > 0 for node in nodes):
+        missing.append(f"sandbox.node_resource: {marker}")
+    if not missing:
+        return
+    message = f"no node of this Ray cluster can hold {'; '.join(missing)}"
+    if not os.environ.get("RAY_ADDRESS"):
+        offered = {name: v for name, v in (nodes[0] if nodes else {}).items()
+                   if name not in ("memory", "object_store_memory") and not name.startswith("node:")}
+        raise RuntimeError(f"{message}. This local Ray instance offers {offered}: lower these settings, "
+                           "or run on a cluster whose nodes offer them")
+    print(f"{message} yet: these roles wait until such nodes join", flush=True)
 
 
 def spawn(cfg, model_path: str) -> Roles:
+    """The roles, each placed by its config's Ray resources (see `role_options`); on a cluster
+    they spread over the nodes that offer those resources."""
+    check_resources(cfg)
     threads = cfg.run.torch_threads
-    generators = [ray.remote(RolloutGenerator).options(num_cpus=cfg.rollout.num_cpus, max_concurrency=1000)
-                  .remote(model_path, cfg.rollout, cfg.task, cfg.run.seed * 1000 + i, threads, cfg.learner.loss.mcla)
+    sandboxes = node_pools(cfg.task, cfg.sandbox.node_resource, cfg.sandbox.max_per_node) \
+        if cfg.sandbox.node_resource else None
+    generators = [ray.remote(RolloutGenerator)
+                  .options(**role_options(cfg.rollout.num_cpus, cfg.rollout.num_gpus, cfg.rollout.resources),
+                           max_concurrency=1000)
+                  .remote(model_path, cfg.rollout, cfg.task, cfg.run.seed * 1000 + i, threads, cfg.learner.loss.mcla,
+                          sandbox_pool=sandboxes)
                   for i in range(cfg.rollout.num_generators)]
-    graders = [ray.remote(RewardGrader).options(num_cpus=0).remote(cfg.task, model_path, cfg.learner.loss.advantage)
+    graders = [ray.remote(RewardGrader).options(**role_options(cfg.reward.num_cpus, 0.0, cfg.reward.resources))
+               .remote(cfg.task, model_path, cfg.learner.loss.advantage, sandbox_pool=sandboxes)
                for _ in range(cfg.reward.num_graders)]
     buffer = ray.remote(ReplayBuffer).options(num_cpus=0, max_concurrency=1000).remote(
-        cfg.trainer.groups_per_step, cfg.replay.max_staleness, cfg.replay.filter_zero_variance, cfg.replay.capacity)
+        cfg.trainer.groups_per_step, cfg.replay.max_staleness, cfg.replay.filter_zero_variance, cfg.replay.capacity,
+        seed=cfg.run.seed)
     learner = LearnerGroup(model_path, cfg.learner, cfg.trainer.lr, cfg.rollout.temperature, cfg.run.seed, threads)
-    return Roles(generators, graders, buffer, learner)
+    return Roles(generators, graders, buffer, learner, sandboxes)
 
 
 def sft_batches(generators: list, batch_size: int, steps: int, seed: int):
@@ -77,15 +125,19 @@ class Trainer:
     def __init__(self, cfg, roles: Roles, model_path: str):
         self.cfg, self.roles, self.model_path = cfg, roles, model_path
         self.version = 0
+        self.step = 0       # RL steps done (what a checkpoint records)
+        self.evals: dict = {}   # the run's evaluations before RL, kept with checkpoints for the summary
         self.eval_tasks = ray.get(roles.generators[0].eval_tasks.remote(cfg.task.eval_size))
         if cfg.replay.prompts:   # a finite training set, handed out by the buffer (epochs, History Resampling)
             tasks = ray.get(roles.generators[0].train_tasks.remote(cfg.replay.prompts, cfg.run.seed))
             ray.get(roles.buffer.set_prompts.remote(tasks, cfg.replay.resampling, cfg.replay.success_reward,
-                                                    cfg.run.seed))
+                                                    cfg.run.seed, cfg.replay.resampling_floor))
 
     def publish(self) -> None:
         ref = self.roles.learner.publish()
-        ray.get([g.set_weights.remote(self.version, [ref]) for g in self.roles.generators])
+        # Each generator swaps the weights in between engine calls and reports the version it serves.
+        check_served_versions(ray.get([g.update_weights.remote(self.version, [ref]) for g in self.roles.generators]),
+                              self.version)
         ray.get(self.roles.buffer.set_version.remote(self.version))
 
     def evaluate_domains(self) -> dict[str, float]:
@@ -138,8 +190,10 @@ class Trainer:
         return history
 
     def train_rl(self, log: MetricsLogger, progress, steps: int | None = None, lr: float | None = None,
-                 teachers: dict | None = None, rl_weight: float = 0.0, on_step=None) -> list[dict]:
-        """The asynchronous loop. With replay.max_staleness=0 the buffer makes it synchronous.
+                 teachers: dict | None = None, rl_weight: float = 0.0, on_step=None, start: int = 0) -> list[dict]:
+        """The asynchronous loop, steps `start` + 1 .. `steps` (`start` > 0: a resumed run). With
+        replay.max_staleness=0 the buffer makes it synchronous, and with run.deterministic too the
+        groups' samples do not depend on timing.
         With `teachers` ({domain: Teacher actor}) it is on-policy distillation: the teachers score
         the student's samples and the learner's advantages come from them. `on_step(step, record)`,
         if given, runs after each step (it may add to the record before it is logged, e.g. switch
@@ -149,13 +203,15 @@ class Trainer:
         lr, kind = cfg.trainer.lr if lr is None else lr, "distill" if teachers else "rl"
         # Enough episodes in flight to fill every step the staleness bound lets generators run ahead.
         concurrency = -(-cfg.trainer.groups_per_step * (cfg.replay.max_staleness + 1) // len(roles.generators))
-        runs = [g.run.remote(roles.buffer, roles.graders, concurrency, teachers) for g in roles.generators]
+        runs = [g.run.remote(roles.buffer, roles.graders, concurrency, teachers, seeded=cfg.run.deterministic)
+                for g in roles.generators]
         history, self._gen_tokens = [], self.generator_stats()["gen_tokens"]
-        for step in range(1, steps + 1):
+        for step in range(start + 1, steps + 1):
             tick = time.perf_counter()
             batch = self.next_batch(runs)                  # fresh groups, each handed out once
             got = time.perf_counter()
-            stats = roles.learner.train_step(batch, kind, lr, rl_weight)
+            stats = roles.learner.train_step(batch, kind, lr, rl_weight, version=self.version,
+                                             max_mismatch_kl=cfg.rollout.max_mismatch_kl)   # weight-sync check
             learned = time.perf_counter()
             self.version += 1
             self.publish()                                 # generators swap it in between episodes
@@ -165,6 +221,7 @@ class Trainer:
                 record["eval"] = self.evaluate()
             stop = bool(on_step and on_step(step, record))
             history.append(log.log(step, record))
+            self.step = step
             if cfg.trainer.ckpt_every and step % cfg.trainer.ckpt_every == 0:
                 self.checkpoint(f"step_{step}")
             progress.update(1)
@@ -201,14 +258,66 @@ class Trainer:
         return {k: sum(s[k] for s in stats) for k in ("gen_tokens", "gen_busy_s", "env_s", "infra_failures")}
 
     def checkpoint(self, name: str) -> str:
-        path = os.path.join(expand(self.cfg.run.dir), "checkpoints", name)
+        """Everything a run needs to continue exactly (`restore`): HF weights and tokenizer, the
+        learner's DeepSpeed state (optimizer partitions, RNG states), the generators' random
+        streams, the buffer's record, tickets and held groups, and, written last so that only a
+        complete checkpoint has it, trainer_state.json (step, version, config, evaluations)."""
+        run_dir = expand(self.cfg.run.dir)
+        path = os.path.join(run_dir, "checkpoints", name)
+        state_path = os.path.join(path, "trainer_state.json")
+        if os.path.exists(state_path):   # rewritten: not a checkpoint until complete again
+            os.remove(state_path)
         self.roles.learner.save(path)
         load_tokenizer(self.model_path).save_pretrained(path)
-        with open(os.path.join(path, "trainer_state.json"), "w") as f:
-            json.dump({"version": self.version, "config": to_dict(self.cfg)}, f, indent=2)
-        with open(os.path.join(path, "replay_state.json"), "w") as f:   # History Resampling's record, epochs
-            json.dump(ray.get(self.roles.buffer.state_dict.remote()), f)
+        snapshot = ray.get(self.roles.buffer.snapshot.remote())
+        with open(os.path.join(path, "replay_state.json"), "w") as f:   # History Resampling's record, epochs, tickets
+            json.dump(snapshot["state"], f)
+        save_held(os.path.join(path, "replay_held.msgpack"), snapshot["held"])
+        state = {"step": self.step, "version": self.version, "evals": self.evals,
+                 "generators": ray.get([g.rng_state.remote() for g in self.roles.generators]),
+                 "metrics_lines": len(metrics_lines(run_dir)), "config": to_dict(self.cfg)}
+        with open(state_path + ".tmp", "w") as f:
+            json.dump(state, f, indent=2)
+        os.replace(state_path + ".tmp", state_path)
         return path
+
+    def restore(self, path: str) -> dict:
+        """Continue from checkpoint `path` of a run with this config: the learner's weights,
+        optimizer and RNG states, the generators' random streams, the buffer's record, tickets
+        and held groups, the step, the version (whose weights it publishes) and the evaluations.
+        Returns the checkpoint's trainer state."""
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+        self.roles.learner.load_state(path)
+        ray.get([g.set_rng_state.remote(s) for g, s in zip(self.roles.generators, state["generators"])])
+        with open(os.path.join(path, "replay_state.json")) as f:
+            ray.get(self.roles.buffer.load_state_dict.remote(json.load(f)))
+        held = load_held(os.path.join(path, "replay_held.msgpack"))
+        ray.get(self.roles.buffer.restore_held.remote([(meta, [ray.put(tree)]) for meta, tree in held]))
+        self.step, self.version, self.evals = state["step"], state["version"], state["evals"]
+        self.publish()
+        return state
+
+
+def metrics_lines(run_dir: str) -> list[str]:
+    """The lines of the run's metrics.jsonl (none before its first record)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return f.readlines()
+
+
+def save_held(path: str, held: list) -> None:
+    """The buffer's held groups, [(meta, [tree ref])], as one msgpack file of [meta, encoded tree]."""
+    trees = ray.get([ref[0] for _, ref in held])
+    with open(path, "wb") as f:
+        f.write(msgpack.packb([[meta, bytes(encode(tree))] for (meta, _), tree in zip(held, trees)]))
+
+
+def load_held(path: str) -> list[tuple[dict, object]]:
+    with open(path, "rb") as f:
+        return [(meta, decode(data)) for meta, data in msgpack.unpackb(f.read())]
 
 
 def domain_stats(metas: list[dict]) -> dict:
@@ -242,11 +351,32 @@ def archive_previous_run(run_dir: str) -> str | None:
     return None
 
 
-def start_run(cfg) -> tuple[str, MetricsLogger, str | None]:
+def rewind_metrics(run_dir: str, checkpoint: str) -> int:
+    """Cut metrics.jsonl back to what had been logged when `checkpoint` was written; the records
+    after it (steps whose effect the interruption lost, about to run again) go to the end of
+    metrics.lost.jsonl. Returns how many moved."""
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        keep = json.load(f)["metrics_lines"]
+    lines = metrics_lines(run_dir)
+    if len(lines) > keep:
+        with open(os.path.join(run_dir, "metrics.lost.jsonl"), "a") as f:
+            f.writelines(lines[keep:])
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+            f.writelines(lines[:keep])
+        print(f"resuming from {checkpoint}: {len(lines) - keep} records logged after it moved to metrics.lost.jsonl")
+    return len(lines) - keep
+
+
+def start_run(cfg, resume: str | None = None) -> tuple[str, MetricsLogger, str | None]:
     """A fresh run directory (an earlier run in it is moved aside), Ray, the metrics log and the
-    config as run: (run dir, log, where the earlier run went)."""
+    config as run: (run dir, log, where the earlier run went). `resume`: the checkpoint (of the run
+    in run.dir) that the run continues from: the directory stays, its metrics rewound to it."""
     run_dir = expand(cfg.run.dir)
-    moved = archive_previous_run(run_dir)
+    if cfg.run.resume and not resume:
+        raise ValueError(f"run.resume={cfg.run.resume!r}, but this entry point does not resume runs (pipeline.run does)")
+    if resume:
+        rewind_metrics(run_dir, resume)
+    moved = None if resume else archive_previous_run(run_dir)
     init_ray(cfg.run)
     log = MetricsLogger(run_dir)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
@@ -255,26 +385,37 @@ def start_run(cfg) -> tuple[str, MetricsLogger, str | None]:
 
 
 def run(cfg) -> dict:
-    """SFT warm start, evaluation, asynchronous GRPO, evaluation; returns the summary."""
+    """SFT warm start, evaluation, asynchronous GRPO, evaluation; returns the summary. With
+    run.resume, the run in that directory continues from its last checkpoint instead."""
     from tqdm import tqdm
 
-    run_dir, log, _ = start_run(cfg)
+    resume = check_resume(cfg)   # the checkpoint to continue from, or None
+    if resume:
+        cfg = replace(cfg, run=replace(cfg.run, dir=cfg.run.resume))
+    run_dir, log, _ = start_run(cfg, resume)
+    # Resumed: the RL steps logged before the checkpoint, for the summary.
+    history = [r for r in map(json.loads, metrics_lines(run_dir)) if r["step"] > 0]
     model_path = resolve_model_path(cfg.model)
     start = time.time()
     roles = spawn(cfg, model_path)
     try:
         trainer = Trainer(cfg, roles, model_path)
-        eval_init = trainer.evaluate() if cfg.trainer.eval.initial else None
-        with tqdm(total=cfg.trainer.sft.steps, desc="sft", disable=not cfg.run.progress) as progress:
-            trainer.warm_start(log, progress)
-        eval_before = trainer.evaluate()
-        with tqdm(total=cfg.trainer.total_steps, desc="grpo", disable=not cfg.run.progress) as progress:
-            history = trainer.train_rl(log, progress)
+        if resume:
+            trainer.restore(resume)
+        else:
+            trainer.evals["eval_init"] = trainer.evaluate() if cfg.trainer.eval.initial else None
+            with tqdm(total=cfg.trainer.sft.steps, desc="sft", disable=not cfg.run.progress) as progress:
+                trainer.warm_start(log, progress)
+            trainer.evals["eval_before"] = trainer.evaluate()
+        with tqdm(total=cfg.trainer.total_steps, initial=trainer.step, desc="grpo",
+                  disable=not cfg.run.progress) as progress:
+            history += trainer.train_rl(log, progress, start=trainer.step)
         eval_after = trainer.evaluate()
         checkpoint = trainer.checkpoint("final")
     finally:
         roles.shutdown()
         log.close()
+    eval_init, eval_before = trainer.evals["eval_init"], trainer.evals["eval_before"]
     summary = {
         "eval_init": eval_init, "eval_before": eval_before, "eval_after": eval_after,
         "eval_gain": eval_after - eval_before, "steps": cfg.trainer.total_steps,

@@ -27,7 +27,7 @@ import ray
 from rayrl.config import expand
 from rayrl.metrics import MetricsLogger
 from rayrl.models import resolve_model_path
-from rayrl.pipeline import Trainer, run, spawn, start_run
+from rayrl.pipeline import Trainer, role_options, run, spawn, start_run
 from rayrl.rollout.generator import RolloutGenerator
 from rayrl.rollout.teacher import Teacher
 
@@ -120,7 +120,8 @@ def evaluate_experts(cfg, experts: dict[str, dict], base: str) -> None:
     for domain, expert in experts.items():
         if expert["eval"] is None:
             sub = expert_config(cfg, domain, expand(cfg.run.dir), base)
-            gen = ray.remote(RolloutGenerator).options(num_cpus=0).remote(
+            options = role_options(0, sub.rollout.num_gpus, sub.rollout.resources)
+            gen = ray.remote(RolloutGenerator).options(**options).remote(
                 expert["path"], sub.rollout, sub.task, sub.run.seed, sub.run.torch_threads)
             tasks = ray.get(gen.eval_tasks.remote(sub.task.eval_size))
             scores = [s for s in ray.get(gen.evaluate.remote(tasks, sub.trainer.eval.temperature)) if s is not None]
@@ -132,7 +133,8 @@ def offpolicy_batches(cfg, experts: dict[str, dict], seed: int):
     """Per step, the experts' own samples on their domains' training prompts: groups_per_step
     groups split evenly over the domains (the mixture the student samples from)."""
     domains = list(cfg.unify.domains)
-    gens = {d: ray.remote(RolloutGenerator).options(num_cpus=0, max_concurrency=1000).remote(
+    gens = {d: ray.remote(RolloutGenerator).options(**role_options(0, cfg.rollout.num_gpus, cfg.rollout.resources),
+                                                    max_concurrency=1000).remote(
         experts[d]["path"], cfg.rollout, domain_task(cfg, d), seed + i,
         cfg.run.torch_threads) for i, d in enumerate(domains)}
     per_domain = [cfg.trainer.groups_per_step // len(domains) + (i < cfg.trainer.groups_per_step % len(domains))
@@ -168,8 +170,10 @@ def unify(cfg) -> dict:
     experts_s = time.time() - start - base_s
 
     scfg = student_config(cfg)
-    teachers = {d: ray.remote(Teacher).options(num_cpus=cfg.distill.teacher_cpus).remote(
-        e["path"], cfg.rollout.temperature, cfg.rollout.max_batch, cfg.run.torch_threads) for d, e in experts.items()}
+    teachers = {d: ray.remote(Teacher).options(**role_options(cfg.distill.teacher_cpus, cfg.distill.teacher_gpus,
+                                                              cfg.distill.teacher_resources)).remote(
+        e["path"], cfg.rollout.temperature, cfg.rollout.max_batch, cfg.run.torch_threads, cfg.rollout.engine)
+        for d, e in experts.items()}
     roles = spawn(scfg, base)
     try:
         trainer = Trainer(scfg, roles, base)

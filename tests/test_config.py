@@ -26,6 +26,7 @@ def test_overrides_are_typed_and_merged_over_yaml():
     ("learner.loss.off_policy=vtrace", "learner.loss.off_policy"),
     ("replay.max_staleness=-1", "replay.max_staleness"),
     ("rollout.top_p=1.5", "rollout.top_p"),
+    ("replay.resampling_floor=2", "replay.resampling_floor"),
     ("learner.zero_stage=4", "learner.zero_stage"),
 ])
 def test_bad_keys_and_values_name_the_key(arg, key):

@@ -40,8 +40,15 @@ def test_dynamic_sampling_keeps_only_groups_with_differing_rewards():
 
 def test_next_epoch_drops_solved_keeps_mixed_wrong_and_unseen():
     latest = {"a": ALL_CORRECT, "b": MIXED, "c": ALL_WRONG}
-    assert next_epoch(["a", "b", "c", "d"], latest) == ["b", "c", "d"]
-    assert next_epoch(["a"], latest) == []
+    assert next_epoch(["a", "b", "c", "d"], latest) == (["b", "c", "d"], ["a"])
+    assert next_epoch(["a"], latest) == ([], ["a"])
+
+
+def test_next_epoch_floor_brings_back_the_prompts_dropped_longest_ago():
+    latest = {"a": ALL_CORRECT, "b": ALL_CORRECT, "c": ALL_WRONG}
+    assert next_epoch(["a", "b", "c"], latest, dropped=["x", "y"], min_active=3) == (["c", "x", "y"], ["a", "b"])
+    assert next_epoch(["a", "b", "c"], latest, dropped=["x"], min_active=4) == (["c", "x", "a", "b"], [])
+    assert next_epoch(["a", "b", "c"], latest, dropped=["x"], min_active=1) == (["c"], ["x", "a", "b"])
 
 
 def test_effective_fraction_counts_samples_of_groups_with_signal():
@@ -152,3 +159,18 @@ async def test_dynamic_sampling_in_the_buffer_drops_both_kinds_of_constant_group
         await buf.put(meta(f"t{i}", rewards), [i])
     assert buf.dropped["zero_variance"] == 2
     assert [ref for _, ref in await buf.get(1, 0, timeout=0.1)] == [2]
+
+
+def test_the_floor_keeps_a_share_of_the_prompts_active():
+    ps = PromptSet(tasks("math", 8), history=True, floor=0.5)
+    for _ in range(3):                       # every prompt solved, epoch after epoch
+        for tid in drain(ps, len(ps.active["math"])):
+            ps.record("math", tid, [1.0, 1.0])
+    assert len(ps.active["math"]) == 4       # never below half of the 8 prompts
+    stats = ps.stats()
+    assert stats["prompts/math/readmitted"] > 0 and stats["prompts/math/restarts"] == 0
+    restored = PromptSet(tasks("math", 8), history=True)
+    restored.load_state_dict(json.loads(json.dumps(ps.state_dict())))
+    assert restored.floor == 0.5 and restored.dropped == ps.dropped
+    with pytest.raises(ValueError, match="floor"):
+        PromptSet(tasks("math", 2), history=True, floor=1.5)

@@ -11,7 +11,10 @@ to the gradient but dilutes the batch. Two remedies:
   epoch boundary drop the prompts whose latest group was all correct (too easy: they will most
   likely stay solved) and keep the mixed and all-wrong ones (all-wrong prompts are hard, not
   useless: they may become solvable as the policy improves) (`next_epoch`). Solved prompts are
-  never rolled out again.
+  not rolled out again, except under a floor on the active set: on a small prompt set the set
+  otherwise narrows to a few prompts the policy cannot solve, and training on those alone
+  collapses it (measured on 64 arithmetic prompts: 2 left after 56 steps, training reward
+  0.6 -> 0.02, held-out 0.8 -> 0.52). Below the floor the prompts dropped longest ago come back.
 """
 
 from __future__ import annotations
@@ -46,14 +49,20 @@ def keep_group(rewards: Iterable[float | None]) -> bool:
     return not is_zero_variance(list(rewards))
 
 
-def next_epoch(active: Sequence[str], latest: Mapping[str, str]) -> list[str]:
-    """History Resampling at an epoch boundary: the prompts of the next epoch, in `active`'s order.
+def next_epoch(active: Sequence[str], latest: Mapping[str, str], dropped: Sequence[str] = (),
+               min_active: int = 0) -> tuple[list[str], list[str]]:
+    """History Resampling at an epoch boundary: (the prompts of the next epoch, the dropped ones).
 
     `latest` maps a prompt to the outcome of its most recently graded group; a prompt without one
     (still in flight, or its groups failed for infrastructure reasons) is kept, as there is no
-    evidence that it is solved.
+    evidence that it is solved. `dropped` are the prompts dropped at earlier boundaries, oldest
+    first; the newly solved ones join its end. With fewer than `min_active` prompts left, the
+    oldest dropped ones come back (their solution is the likeliest to have been forgotten).
     """
-    return [p for p in active if latest.get(p) != ALL_CORRECT]
+    kept = [p for p in active if latest.get(p) != ALL_CORRECT]
+    dropped = [*dropped, *(p for p in active if latest.get(p) == ALL_CORRECT)]
+    back = max(min_active - len(kept), 0)
+    return kept + dropped[:back], dropped[back:]
 
 
 def effective_fraction(groups: Iterable[Sequence[float | None]]) -> float:

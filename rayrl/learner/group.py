@@ -7,6 +7,7 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayrl.algo.distill import domain_reverse_kl
+from rayrl.algo.mismatch import check_mismatch
 from rayrl.learner.worker import LearnerWorker
 
 
@@ -25,25 +26,32 @@ class LearnerGroup:
     def __init__(self, model_path: str, learner_cfg, lr: float, temperature: float, seed: int = 0,
                  torch_threads: int = 1):
         n = learner_cfg.num_workers
-        bundle = {"CPU": learner_cfg.num_cpus, **({"GPU": learner_cfg.num_gpus} if learner_cfg.num_gpus else {})}
-        self.placement = placement_group([bundle] * n, strategy="PACK")
+        bundle = {"CPU": learner_cfg.num_cpus, **({"GPU": learner_cfg.num_gpus} if learner_cfg.num_gpus else {}),
+                  **learner_cfg.resources}   # custom resources put the workers on the learner nodes
+        self.placement = placement_group([bundle] * n, strategy=learner_cfg.placement.upper())
         ray.get(self.placement.ready())
         actor = ray.remote(LearnerWorker)
         self.workers = [
             actor.options(num_cpus=learner_cfg.num_cpus, num_gpus=learner_cfg.num_gpus,
+                          resources=dict(learner_cfg.resources),
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, i),
                           name=None).remote(model_path, learner_cfg, i, n, temperature, seed, torch_threads)
             for i in range(n)]
         addr, port = ray.get(self.workers[0].address.remote())
         ray.get([w.setup.remote(addr, port, lr) for w in self.workers])
 
-    def train_step(self, batch: list[tuple[dict, ray.ObjectRef]], kind: str, lr: float, rl_weight: float = 0.0) -> dict:
+    def train_step(self, batch: list[tuple[dict, ray.ObjectRef]], kind: str, lr: float, rl_weight: float = 0.0,
+                   version: int | None = None, max_mismatch_kl: float = 0.0) -> dict:
         """One synchronous update on `batch` = [(group meta, tree ref)]; returns batch-level stats.
-        kind: sft | rl | distill (see LearnerWorker.train_step)."""
+        kind: sft | rl | distill (see LearnerWorker.train_step). `version`: the version the learner
+        holds (rl, distill): the weight-sync check compares the engines' log-probs of the tokens
+        that version sampled with the learner's, logs `mismatch_kl_onpolicy` and raises
+        WeightSyncError (before the update) above `max_mismatch_kl` (0: no limit)."""
         metas = [m for m, _ in batch]
         totals = {"loss_tokens": sum(m["loss_tokens"] for m in metas),
                   "num_paths": sum(m["num_paths"] - m["infra_failures"] for m in metas),
-                  "reverse_kl": domain_reverse_kl(metas)}   # the distillation baseline, per domain
+                  "reverse_kl": domain_reverse_kl(metas),   # the distillation baseline, per domain
+                  "version": version, "max_mismatch_kl": max_mismatch_kl}
         shares = split_balanced(metas, len(self.workers))
         results = ray.get([w.train_step.remote([batch[i][1] for i in share], kind, lr, totals, rl_weight)
                            for w, share in zip(self.workers, shares)])
@@ -59,6 +67,11 @@ class LearnerGroup:
         stats["loss_tokens"] = tokens
         # Path tokens per token the forward passes ran on: > 1 when tree training merges shared prefixes.
         stats["dedup_ratio"] = merged.get("path_tokens", 0.0) / max(merged.get("forward_tokens", 0.0), 1.0)
+        if "onpolicy_tokens" in merged:   # the workers checked it against the limit before the update
+            stats["onpolicy_tokens"] = merged["onpolicy_tokens"]
+            kl = check_mismatch(merged["onpolicy_kl_total"], merged["onpolicy_tokens"], version, 0.0)
+            if kl is not None:
+                stats["mismatch_kl_onpolicy"] = kl
         return stats
 
     def publish(self) -> ray.ObjectRef:
@@ -67,6 +80,10 @@ class LearnerGroup:
 
     def save(self, path: str) -> None:
         ray.get([w.save.remote(path) for w in self.workers])
+
+    def load_state(self, path: str) -> None:
+        """Weights, every rank's optimizer state and RNG states from a checkpoint `save` wrote."""
+        ray.get([w.load_state.remote(path) for w in self.workers])
 
     def shutdown(self) -> None:
         for w in self.workers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 
 import numpy as np
@@ -12,15 +13,27 @@ from rayrl.algo.distill import distill_advantages
 from rayrl.algo.logprobs import gather_logprobs
 from rayrl.algo.losses import aggregate, policy_token_loss, sft_token_loss
 from rayrl.algo.mcla import average_passes, mcla_passes
+from rayrl.algo.mismatch import check_mismatch, onpolicy_mismatch_sums
 from rayrl.algo.tree_pack import pack_paths, tree_micro_batches
 from rayrl.models.moe import forward_plan, replay_routes, routing
-from rayrl.tree import Path, TrajectoryTree
+from rayrl.tree import NOT_SAMPLED, Path, TrajectoryTree
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def rng_states() -> dict:
+    """The random streams of this process (torch, numpy, Python)."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_states(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
 
 
 def pad_paths(paths: list[Path], pad_id: int = 0, advantages: list[np.ndarray] | None = None) -> dict[str, torch.Tensor]:
@@ -46,6 +59,15 @@ def pad_paths(paths: list[Path], pad_id: int = 0, advantages: list[np.ndarray] |
     for k in ("behaviour", "loss_mask", "advantage"):
         batch[k] = batch[k][:, 1:]
     return batch
+
+
+def pad_versions(paths: list[Path]) -> torch.Tensor:
+    """[B, T-1]: the version that sampled token t+1 of path b, aligned like `pad_paths`' arrays
+    (NOT_SAMPLED on prompt, observation and padding)."""
+    out = np.full((len(paths), max(len(p) for p in paths)), NOT_SAMPLED, np.int64)
+    for i, p in enumerate(paths):
+        out[i, :len(p)] = p.versions
+    return torch.from_numpy(out)[:, 1:]
 
 
 def micro_batches(paths: list[Path], token_budget: int) -> list[list[Path]]:
@@ -147,10 +169,21 @@ class LearnerWorker:
             self.engine.backward(loss * self.world_size)
             for k, v in stats.items():
                 sums[k] = max(sums.get(k, v), v) if k.endswith("_max") else sums.get(k, 0.0) + v
+        if kind != "sft" and totals.get("version") is not None:
+            self._check_weight_sync(sums, totals)
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
         sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return sums
+
+    def _check_weight_sync(self, sums: dict, totals: dict) -> None:
+        """Before the optimizer step, on every rank alike: the on-policy mismatch KL of the whole
+        batch (rayrl.algo.mismatch), so that a batch the engines sampled with other weights than
+        the ones they claim is never trained on. WeightSyncError over `max_mismatch_kl`."""
+        both = torch.tensor([sums.get("onpolicy_kl_total", 0.0), sums.get("onpolicy_tokens", 0.0)],
+                            dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(both)
+        check_mismatch(float(both[0]), float(both[1]), totals["version"], totals.get("max_mismatch_kl", 0.0))
 
     def _micro_batches(self, paths: list[Path]) -> list[list[Path]]:
         """Tree training: micro-batches of whole paths whose packed tries fit the token budget;
@@ -174,6 +207,7 @@ class LearnerWorker:
             advantages = [distill_advantages(p.logprobs, p.teacher_logprobs, p.loss_mask, p.advantage or 0.0,
                                              rl_weight, (kl_mean or {}).get(p.domain, 0.0)) for p in batch]
         tensors = pad_paths(batch, advantages=advantages)
+        tensors["versions"] = pad_versions(batch)
         if self.cfg.tree_training:
             tensors["tree"] = pack_paths([p.tokens for p in batch])
         if self.cfg.loss.mcla.routing_replay:   # MoE: the experts the engine chose, laid out like the forward
@@ -216,6 +250,10 @@ class LearnerWorker:
         out["loss"] = float(loss.detach())
         out["nll_sum"] = float(-(logprobs.detach() * mask).sum())
         out["loss_tokens"] = n_tokens
+        if kind != "sft" and totals.get("version") is not None:   # the weight-sync check (LearnerGroup.train_step)
+            out["onpolicy_kl_total"], out["onpolicy_tokens"] = onpolicy_mismatch_sums(
+                logprobs, batch["behaviour"].to(self.device), batch["versions"].to(self.device), mask,
+                totals["version"])
         # Tokens of the paths and tokens the forward ran on (unique ones, or padded rows): their
         # ratio over the step is the dedup ratio the group reports.
         out["path_tokens"] = float(batch["attention"].sum())
@@ -241,8 +279,23 @@ class LearnerWorker:
             return [ray.put(state_dict_numpy(self.engine.module))] if self.rank == 0 else []
 
     def save(self, path: str) -> None:
-        """HF weights (rank 0) plus the DeepSpeed optimizer and engine state (every rank)."""
+        """HF weights (rank 0) plus the DeepSpeed optimizer and engine state and this rank's RNG
+        states (every rank)."""
         with self._full_parameters():
             if self.rank == 0:
                 self.engine.module.save_pretrained(path)
         self.engine.save_checkpoint(os.path.join(path, "deepspeed"))
+        torch.save(rng_states(), self._rng_path(path))
+
+    def _rng_path(self, path: str) -> str:
+        return os.path.join(path, "deepspeed", f"rng_rank{self.rank}.pt")
+
+    def load_state(self, path: str) -> None:
+        """Continue from a checkpoint `save` wrote with the same number of ranks: weights, this
+        rank's optimizer partition and RNG states."""
+        directory = os.path.join(path, "deepspeed")
+        loaded, _ = self.engine.load_checkpoint(directory, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+        set_rng_states(torch.load(self._rng_path(path), weights_only=False))

@@ -7,14 +7,17 @@ each domain has had its share of n up to one prompt. Domains run their epochs in
 
 With History Resampling every graded group is recorded against its prompt, and at each epoch
 boundary the prompts whose latest group was all correct leave the set for good
-(rayrl.algo.resampling.next_epoch). Should every prompt of a domain be solved, its epoch starts
-over with the whole set (counted as a restart) rather than stalling the run.
+(rayrl.algo.resampling.next_epoch), except that a domain keeps at least `floor` of its prompts
+active: below that, the prompts dropped longest ago come back (counted as readmitted). Should
+every prompt of a domain be solved (floor 0), its epoch starts over with the whole set (counted
+as a restart) rather than stalling the run.
 
 The whole state is a JSON-able dict (`state_dict` / `load_state_dict`), saved with checkpoints.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 
@@ -27,13 +30,16 @@ def prompt_key(domain: str, task_id: str) -> str:
 
 
 class PromptSet:
-    def __init__(self, tasks: list[dict], history: bool = False, success: float = 1.0, seed: int = 0):
+    def __init__(self, tasks: list[dict], history: bool = False, success: float = 1.0, seed: int = 0,
+                 floor: float = 0.0):
         if not tasks:
             raise ValueError("a prompt set needs at least one task")
         self.tasks = {prompt_key(t["domain"], t["id"]): t for t in tasks}
         if len(self.tasks) != len(tasks):
             raise ValueError("a prompt set's tasks must have distinct (domain, id) pairs")
-        self.history, self.success, self.seed = history, success, seed
+        if not 0.0 <= floor <= 1.0:
+            raise ValueError(f"History Resampling floor {floor}: a share of each domain's prompts, 0 to 1")
+        self.history, self.success, self.seed, self.floor = history, success, seed, floor
         self.pool: dict[str, list[str]] = {}
         for key, task in self.tasks.items():
             self.pool.setdefault(task["domain"], []).append(key)
@@ -43,6 +49,8 @@ class PromptSet:
         self.weights = {d: 1.0 for d in self.pool}
         self.issued: Counter = Counter()       # per domain, since the last set_weights
         self.restarts: Counter = Counter()
+        self.dropped: dict[str, list[str]] = {d: [] for d in self.pool}   # solved, oldest first
+        self.readmitted: Counter = Counter()
         self.records: dict[str, list[list]] = {}   # key: [[epoch issued, correct, valid], ...]
         self.latest: dict[str, str] = {}           # key: outcome of its latest graded group
         self._issued_epoch: dict[str, int] = {}
@@ -65,7 +73,11 @@ class PromptSet:
 
     def _new_epoch(self, domain: str) -> None:
         if self.history:
-            self.active[domain] = next_epoch(self.active[domain], self.latest)
+            earlier = set(self.dropped[domain])
+            floor = math.ceil(self.floor * len(self.pool[domain]))
+            self.active[domain], self.dropped[domain] = next_epoch(self.active[domain], self.latest,
+                                                                   self.dropped[domain], floor)
+            self.readmitted[domain] += len(earlier.intersection(self.active[domain]))
         if not self.active[domain]:
             self.active[domain] = list(self.pool[domain])
             self.restarts[domain] += 1
@@ -106,6 +118,7 @@ class PromptSet:
             out[f"prompts/{d}/active"] = len(self.active[d])
             out[f"prompts/{d}/solved_dropped"] = len(self.pool[d]) - len(self.active[d])
             out[f"prompts/{d}/restarts"] = self.restarts[d]
+            out[f"prompts/{d}/readmitted"] = self.readmitted[d]
         return out
 
     # -- checkpoint --------------------------------------------------------------------------
@@ -113,6 +126,7 @@ class PromptSet:
         return {"keys": sorted(self.tasks), "history": self.history, "success": self.success, "seed": self.seed,
                 "active": self.active, "order": self.order, "epoch": self.epoch, "weights": self.weights,
                 "issued": dict(self.issued), "restarts": dict(self.restarts), "records": self.records,
+                "floor": self.floor, "dropped": self.dropped, "readmitted": dict(self.readmitted),
                 "latest": self.latest, "issued_epoch": self._issued_epoch}
 
     def load_state_dict(self, state: dict) -> None:
@@ -125,6 +139,8 @@ class PromptSet:
         self.epoch = dict(state["epoch"])
         self.weights = dict(state["weights"])
         self.issued, self.restarts = Counter(state["issued"]), Counter(state["restarts"])
+        self.floor, self.readmitted = state["floor"], Counter(state["readmitted"])
+        self.dropped = {d: list(v) for d, v in state["dropped"].items()}
         self.records = {k: [list(r) for r in v] for k, v in state["records"].items()}
         self.latest = dict(state["latest"])
         self._issued_epoch = dict(state["issued_epoch"])

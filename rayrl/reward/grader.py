@@ -16,10 +16,11 @@ from rayrl.tree import TrajectoryTree, summarize
 
 
 class RewardGrader:
-    def __init__(self, task_cfg, tokenizer_path: str, advantage_mode: str = "grpo"):
+    def __init__(self, task_cfg, tokenizer_path: str, advantage_mode: str = "grpo", sandbox_pool=None):
         from rayrl.models import load_tokenizer
         self.task_cfg = task_cfg
         self._env = None
+        self.sandbox_pool = sandbox_pool   # the cluster's pools (a SandboxRouter), or None: a pool of its own
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.advantage_mode = advantage_mode
         self.graded = 0
@@ -29,7 +30,8 @@ class RewardGrader:
     def env(self):
         """Built on first use: agent episodes, scored where they ran, never need it."""
         if self._env is None:
-            self._env = make_env(self.task_cfg, pool=local_pool(self.task_cfg))
+            pool = local_pool(self.task_cfg) if self.sandbox_pool is None else self.sandbox_pool
+            self._env = make_env(self.task_cfg, pool=pool)
         return self._env
 
     @env.setter

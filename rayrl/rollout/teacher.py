@@ -34,12 +34,13 @@ def score_tree(score, tree: TrajectoryTree, temperature: float = 1.0) -> Traject
 class Teacher:
     """Ray actor shell: `ray.remote(Teacher).remote(path)`; `score(tree)` returns the tree scored."""
 
-    def __init__(self, model_path: str, temperature: float = 1.0, max_batch: int = 64, torch_threads: int = 1):
+    def __init__(self, model_path: str, temperature: float = 1.0, max_batch: int = 64, torch_threads: int = 1,
+                 engine: str = "torch"):
         import torch
 
-        from rayrl.rollout.torch_engine import TorchEngine
+        from rayrl.rollout.engine import create_engine
         torch.set_num_threads(torch_threads)
-        self.engine = TorchEngine(model_path, max_batch=max_batch)
+        self.engine = create_engine(engine, model_path, max_batch=max_batch)   # rollout.engine
         self.temperature = temperature if temperature > 0 else 1.0
         self.scored = 0
 

@@ -114,6 +114,13 @@ class TorchEngine(Engine):
         load_state_dict_numpy(self.model, state_dict)
         self.version = version
 
+    def rng_state(self) -> bytes:
+        """The state of the random stream unseeded requests draw from (for checkpoints)."""
+        return self._generator.get_state().numpy().tobytes()
+
+    def set_rng_state(self, state: bytes) -> None:
+        self._generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+
     def _chunks(self, sequences: list[np.ndarray]) -> list[list[int]]:
         """Indices in chunks of at most `max_batch`, by length, so that a chunk carries little padding."""
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))

