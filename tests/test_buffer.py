@@ -15,7 +15,7 @@ def meta(i, version, rewards=(1.0, 0.0)):
 async def fill(buf, items):
     for m in items:
         buf.version = max(buf.version, m["min_version"])
-        assert await buf.acquire(timeout=0.1)
+        assert await buf.acquire_ticket(timeout=0.1)
         await buf.put(m, [m["id"]])
 
 
@@ -54,7 +54,7 @@ async def test_zero_variance_and_infra_failed_groups_are_filtered():
     buf = ReplayBuffer(groups_per_step=2, max_staleness=0)
     await fill(buf, [meta(0, 0, (1.0, 1.0)), meta(1, 0, (0.0, 0.0))])
     infra = dict(meta(2, 0), infra_failures=2)
-    assert await buf.acquire(timeout=0.1)
+    assert await buf.acquire_ticket(timeout=0.1)
     assert await buf.put(infra, [2]) == "infra_failure"
     assert buf.dropped == {"zero_variance": 2, "infra_failure": 1}
     assert buf.stats()["size"] == 0
@@ -70,22 +70,22 @@ async def test_zero_variance_filter_can_be_disabled():
 
 async def test_synchronous_pacing_admits_one_step_per_version():
     buf = ReplayBuffer(groups_per_step=2, max_staleness=0)
-    assert await buf.acquire(timeout=0.05)
-    assert await buf.acquire(timeout=0.05)
+    assert await buf.acquire_ticket(timeout=0.05)
+    assert await buf.acquire_ticket(timeout=0.05)
     # a third group sampled with version 0 would be trained at version 1: refused
-    assert not await buf.acquire(timeout=0.05)
+    assert not await buf.acquire_ticket(timeout=0.05)
     await buf.put(meta(0, 0), [0])
     await buf.put(meta(1, 0), [1])
     assert len(await buf.get(2, 0, timeout=0.1)) == 2
-    assert not await buf.acquire(timeout=0.05)   # generators still hold version 0
+    assert not await buf.acquire_ticket(timeout=0.05)   # generators still hold version 0
     await buf.set_version(1)
-    assert await buf.acquire(timeout=0.05)       # new weights: admitted
+    assert await buf.acquire_ticket(timeout=0.05)       # new weights: admitted
 
 
 async def test_async_pacing_allows_max_staleness_steps_ahead():
     buf = ReplayBuffer(groups_per_step=2, max_staleness=2)
     admitted = 0
-    while await buf.acquire(timeout=0.02):
+    while await buf.acquire_ticket(timeout=0.02):
         admitted += 1
     assert admitted == 2 * 3
 
@@ -95,8 +95,8 @@ async def test_waiting_acquire_wakes_on_new_version_or_freed_slot(event):
     buf = ReplayBuffer(groups_per_step=1, max_staleness=1)
     await fill(buf, [meta(0, 0), meta(1, 0, (1.0, 1.0))])
     assert buf.stats()["size"] == 1   # the zero-variance group freed its slot
-    assert await buf.acquire(timeout=0.05)
-    waiter = asyncio.create_task(buf.acquire(timeout=2.0))
+    assert await buf.acquire_ticket(timeout=0.05)
+    waiter = asyncio.create_task(buf.acquire_ticket(timeout=2.0))
     await asyncio.sleep(0.05)
     assert not waiter.done()
     if event == "new_version":
@@ -114,7 +114,7 @@ async def test_close_releases_waiters():
     await asyncio.sleep(0.02)
     await buf.close()
     assert await asyncio.wait_for(getter, 1.0) is None
-    assert not await buf.acquire(timeout=0.05)
+    assert not await buf.acquire_ticket(timeout=0.05)
 
 
 async def test_capacity_overflow_is_counted():
@@ -132,7 +132,7 @@ async def test_paced_rollouts_are_never_dropped_as_stale(staleness):
     async def generator(k):
         n = 0
         while True:
-            if not await buf.acquire(timeout=0.05):
+            if not await buf.acquire_ticket(timeout=0.05):
                 if buf._closed:
                     return
                 continue

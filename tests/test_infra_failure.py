@@ -2,6 +2,7 @@
 the advantages and the loss, and counted; it is never scored as the model's mistake."""
 
 import os
+import random
 
 import numpy as np
 import pytest
@@ -81,7 +82,7 @@ async def test_a_group_lost_entirely_to_infrastructure_is_dropped_and_counted(gr
     tree, meta = await grader.grade(group(tokenizer, task, ["CRASH", "CRASH"]))
     assert meta["infra_failures"] == 2 and all(r is None for r in meta["rewards"])
     buffer = ReplayBuffer(groups_per_step=1, max_staleness=0)
-    assert await buffer.acquire(timeout=0.1)
+    assert await buffer.acquire_ticket(timeout=0.1)
     assert await buffer.put(meta, [tree]) == "infra_failure"
     assert buffer.stats()["dropped_infra_failure"] == 1 and buffer.stats()["size"] == 0
 
@@ -101,7 +102,7 @@ async def test_episode_infra_failure_is_marked_by_the_generator(monkeypatch):
             raise SandboxInfraError("sandbox vanished during the tool call")
 
     monkeypatch.setattr(gen.env, "step", flaky_step)
-    tree = await gen.rollout_group(gen.env.sample(gen.rng), "g0")
+    tree = await gen.rollout_group(gen.env.sample(random.Random(0)), "g0")
     flags = [tree.nodes[i].infra_failure for i in tree.leaves()]
     assert flags.count(True) == 1 and summarize(tree)["infra_failures"] == 1
     assert gen.stats()["infra_failures"] == 1

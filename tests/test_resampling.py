@@ -133,15 +133,15 @@ async def test_buffer_hands_out_prompts_and_records_outcomes():
     buf.set_prompts(tasks("math", 2), resampling="history")
     issued = []
     for rewards in ([1.0, 1.0], [0.0, 1.0]):
-        ticket = await buf.acquire(timeout=0.1)
-        issued.append(ticket["id"])
-        await buf.put(meta(ticket["id"], rewards), [ticket["id"]])
+        task = (await buf.acquire_ticket(timeout=0.1))["task"]
+        issued.append(task["id"])
+        await buf.put(meta(task["id"], rewards), [task["id"]])
     solved = issued[0]
     # Both groups are trained on (no per-step filter) ...
     assert [m["task_id"] for m, _ in await buf.get(2, 0, timeout=0.1)] == issued
     # ... and the next epoch no longer holds the solved prompt.
-    ticket = await buf.acquire(timeout=0.1)
-    assert ticket["id"] == issued[1] != solved
+    task = (await buf.acquire_ticket(timeout=0.1))["task"]
+    assert task["id"] == issued[1] != solved
     stats = buf.stats()
     assert stats["prompts/math/solved_dropped"] == 1 and stats["rollout_effective"] == pytest.approx(0.5)
     saved = buf.state_dict()
@@ -155,7 +155,7 @@ async def test_buffer_hands_out_prompts_and_records_outcomes():
 async def test_dynamic_sampling_in_the_buffer_drops_both_kinds_of_constant_group():
     buf = ReplayBuffer(groups_per_step=1, max_staleness=10, filter_zero_variance=True)
     for i, rewards in enumerate(([1.0, 1.0], [0.0, 0.0], [1.0, 0.0])):
-        assert await buf.acquire(timeout=0.1) is True       # no prompt set: the generator samples
+        assert (await buf.acquire_ticket(timeout=0.1))["task"] is None   # no prompt set: the generator samples
         await buf.put(meta(f"t{i}", rewards), [i])
     assert buf.dropped["zero_variance"] == 2
     assert [ref for _, ref in await buf.get(1, 0, timeout=0.1)] == [2]

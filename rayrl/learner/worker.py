@@ -40,13 +40,15 @@ def pad_paths(paths: list[Path], pad_id: int = 0, advantages: list[np.ndarray] |
     """Right-pad paths into [B, T] tensors; position t of the shifted arrays predicts token t+1.
 
     `advantages`: per-token advantages of each path (distillation); by default each path's
-    (sequence) advantage on every token."""
+    (sequence) advantage on every token. `versions`: the version that sampled each token
+    (NOT_SAMPLED on prompt, observation and padding), for the weight-sync check."""
     width = max(len(p) for p in paths)
     out = {"tokens": np.full((len(paths), width), pad_id, np.int64),
            "attention": np.zeros((len(paths), width), np.int64),
            "behaviour": np.zeros((len(paths), width), np.float32),
            "loss_mask": np.zeros((len(paths), width), np.float32),
-           "advantage": np.zeros((len(paths), width), np.float32)}
+           "advantage": np.zeros((len(paths), width), np.float32),
+           "versions": np.full((len(paths), width), NOT_SAMPLED, np.int64)}
     for i, p in enumerate(paths):
         n = len(p)
         out["tokens"][i, :n] = p.tokens
@@ -54,20 +56,12 @@ def pad_paths(paths: list[Path], pad_id: int = 0, advantages: list[np.ndarray] |
         out["behaviour"][i, :n] = p.logprobs
         out["loss_mask"][i, :n] = p.loss_mask
         out["advantage"][i, :n] = advantages[i] if advantages is not None else (p.advantage or 0.0)
+        out["versions"][i, :n] = p.versions
     batch = {k: torch.from_numpy(v) for k, v in out.items()}
     # Labels are tokens[1:]; every per-token array is shifted to align with them.
-    for k in ("behaviour", "loss_mask", "advantage"):
+    for k in ("behaviour", "loss_mask", "advantage", "versions"):
         batch[k] = batch[k][:, 1:]
     return batch
-
-
-def pad_versions(paths: list[Path]) -> torch.Tensor:
-    """[B, T-1]: the version that sampled token t+1 of path b, aligned like `pad_paths`' arrays
-    (NOT_SAMPLED on prompt, observation and padding)."""
-    out = np.full((len(paths), max(len(p) for p in paths)), NOT_SAMPLED, np.int64)
-    for i, p in enumerate(paths):
-        out[i, :len(p)] = p.versions
-    return torch.from_numpy(out)[:, 1:]
 
 
 def micro_batches(paths: list[Path], token_budget: int) -> list[list[Path]]:
@@ -207,7 +201,6 @@ class LearnerWorker:
             advantages = [distill_advantages(p.logprobs, p.teacher_logprobs, p.loss_mask, p.advantage or 0.0,
                                              rl_weight, (kl_mean or {}).get(p.domain, 0.0)) for p in batch]
         tensors = pad_paths(batch, advantages=advantages)
-        tensors["versions"] = pad_versions(batch)
         if self.cfg.tree_training:
             tensors["tree"] = pack_paths([p.tokens for p in batch])
         if self.cfg.loss.mcla.routing_replay:   # MoE: the experts the engine chose, laid out like the forward

@@ -96,12 +96,6 @@ class ReplayBuffer:
             self._in_flight[ticket["index"]] = ticket
             return ticket
 
-    async def acquire(self, timeout: float = 1.0) -> bool | dict:
-        """`acquire_ticket` for a caller that does not checkpoint: the ticket's task (a dict) when
-        the buffer hands out prompts, else True; False on timeout or after close."""
-        ticket = await self.acquire_ticket(timeout)
-        return False if ticket is None else ticket["task"] or True
-
     async def put(self, meta: dict, tree_ref: list, ticket: int | None = None) -> str:
         """Store a graded group (`tree_ref` is a one-element list, so Ray keeps it a reference);
         `ticket`: the index of the ticket it was admitted with."""

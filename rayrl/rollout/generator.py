@@ -125,7 +125,6 @@ class RolloutGenerator:
         # `sandbox_pool`: the cluster's pools (a SandboxRouter, config `sandbox`); else a pool of its own.
         self.pool = local_pool(task_cfg) if sandbox_pool is None else sandbox_pool
         self.env = make_env(task_cfg, seed, pool=self.pool)
-        self.rng = random.Random(seed)
         self.seed = seed
         self.params = SamplingParams(max_new_tokens=rollout_cfg.max_new_tokens,
                                      temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
