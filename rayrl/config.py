@@ -230,6 +230,13 @@ class TrainerConfig:
 class DistillConfig:
     steps: int = 40                   # student updates of on-policy distillation
     lr: float = 5e-4
+    # 0: the sampled-token estimate A_t = -(log pi_s - log pi_t) (DESIGN.md); k > 0: the forward KL
+    # to the teacher's k likeliest tokens at every position of the student's samples
+    topk: int = 0
+    # The teachers' scoring temperature; 0 = the rollout temperature (then the sampled estimate is
+    # the reverse KL to the teacher as sampled). Below 1 the target is a sharper teacher, nearer
+    # its greedy policy, which is what held-out evaluation decodes.
+    teacher_temperature: float = 0.0
     rl_weight: float = 0.0            # weight of the environment-reward advantage added to the teacher's
     teacher_cpus: float = 0.25        # Ray CPUs reserved per teacher
     teacher_gpus: float = 0.0         # Ray GPUs reserved per teacher
@@ -328,7 +335,7 @@ _MINIMUM = {  # key: smallest allowed value
     "learner.micro_batch_tokens": 1, "trainer.total_steps": 0, "trainer.groups_per_step": 1,
     "trainer.sft.steps": 0, "trainer.sft.batch_size": 1, "trainer.lr": 0.0, "task.eval_size": 1,
     "rollout.max_turns": 1, "rollout.max_episode_tokens": 1, "distill.steps": 0, "distill.lr": 0.0,
-    "unify.base_sft_steps": 0,
+    "distill.topk": 0, "distill.teacher_temperature": 0.0, "unify.base_sft_steps": 0,
     "replay.prompts": 0, "learner.loss.mcla.k": 0, "model.tiny.router_noise": 0.0, "srpo.eval_every": 0,
     "model.tiny.num_experts": 1, "model.tiny.experts_per_token": 1, "model.tiny.expert_size": 1,
     "rollout.num_cpus": 0.0, "rollout.num_gpus": 0.0, "reward.num_cpus": 0.0, "learner.num_cpus": 0.0,

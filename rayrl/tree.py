@@ -3,12 +3,12 @@
 A tree holds one prompt group. Node 0 is the root (the prompt). Every node carries a token
 segment with, per token, the behaviour log-prob, a loss mask (1 = sampled by the model) and the
 policy version that sampled it; for on-policy distillation a teacher adds its log-prob of every
-token (`teacher_logprobs`, None until scored). Leaves carry the reward, its breakdown, the advantage
+token (`teacher_logprobs`, None until scored) and, for top-k distillation, its k likeliest tokens
+at every position with their log-probs (`teacher_topk_ids`, `teacher_topk_logprobs`, [n, k]). Leaves carry the reward, its breakdown, the advantage
 and whether the episode failed for an infrastructure reason. Each root-to-leaf path is one sample.
 
 The wire format is msgpack; the arrays of all nodes travel as contiguous raw buffers (a fifth for
-teacher log-probs when the tree has them), and a
-decoded tree's arrays are zero-copy views into the received bytes. Trees pickle through the same
+teacher log-probs when the tree has them, two more for the teacher's top-k), and a decoded tree's arrays are zero-copy views into the received bytes. Trees pickle through the same
 codec (out-of-band with protocol 5), so `ray.put` / `ray.get` never pickles an array.
 """
 
@@ -33,7 +33,9 @@ NOT_SAMPLED = -1  # version of tokens the model did not sample (prompt, tool out
 _ARRAY_FIELDS = (("tokens", TOKEN_DTYPE), ("logprobs", LOGPROB_DTYPE),
                  ("loss_mask", MASK_DTYPE), ("versions", VERSION_DTYPE))
 _TEACHER_FIELD = ("teacher_logprobs", LOGPROB_DTYPE)   # a fifth column, only in teacher-scored trees
-_CODEC_VERSION = 3  # 2: columns aligned to 8 bytes; 3: optional teacher column
+# Two [n, k] columns, only in trees a teacher scored with its top-k (distill.topk > 0).
+_TOPK_FIELDS = (("teacher_topk_ids", TOKEN_DTYPE), ("teacher_topk_logprobs", LOGPROB_DTYPE))
+_CODEC_VERSION = 4  # 2: columns aligned to 8 bytes; 3: optional teacher column; 4: optional top-k columns
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Node:
     advantage: float | None = None
     infra_failure: bool = False
     teacher_logprobs: np.ndarray | None = None
+    teacher_topk_ids: np.ndarray | None = None
+    teacher_topk_logprobs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -68,6 +72,8 @@ class Path:
     advantage: float | None
     infra_failure: bool
     teacher_logprobs: np.ndarray | None = None
+    teacher_topk_ids: np.ndarray | None = None
+    teacher_topk_logprobs: np.ndarray | None = None
     domain: str = ""
     meta: dict = field(default_factory=dict)   # the leaf's (e.g. an MoE sample's routes)
 
@@ -149,9 +155,10 @@ class TrajectoryTree:
                 return False
             if not all(np.array_equal(getattr(a, f), getattr(b, f)) for f, _ in _ARRAY_FIELDS):
                 return False
-            if (a.teacher_logprobs is None) != (b.teacher_logprobs is None) or \
-                    (a.teacher_logprobs is not None and not np.array_equal(a.teacher_logprobs, b.teacher_logprobs)):
-                return False
+            for f, _ in (_TEACHER_FIELD, *_TOPK_FIELDS):
+                x, y = getattr(a, f), getattr(b, f)
+                if (x is None) != (y is None) or (x is not None and not np.array_equal(x, y)):
+                    return False
         return True
 
     def __repr__(self) -> str:
@@ -177,12 +184,11 @@ def iter_paths(tree: TrajectoryTree) -> Iterator[Path]:
     for leaf in tree.leaves():
         chain = [tree.nodes[i] for i in tree.ancestry(leaf)]
         node = tree.nodes[leaf]
-        teacher = None
-        if all(c.teacher_logprobs is not None for c in chain):
-            teacher = np.concatenate([c.teacher_logprobs for c in chain])
+        teacher = {f: np.concatenate([getattr(c, f) for c in chain]) if all(getattr(c, f) is not None for c in chain)
+                   else None for f, _ in (_TEACHER_FIELD, *_TOPK_FIELDS)}
         yield Path(*(np.concatenate([getattr(c, f) for c in chain]) for f, _ in _ARRAY_FIELDS),
                    leaf=leaf, reward=node.reward, advantage=node.advantage,
-                   infra_failure=node.infra_failure, teacher_logprobs=teacher, domain=domain, meta=node.meta)
+                   infra_failure=node.infra_failure, domain=domain, meta=node.meta, **teacher)
 
 
 def summarize(tree: TrajectoryTree) -> dict:
@@ -220,11 +226,18 @@ def _pad(n: int) -> int:
     return n + (-n % _ALIGN)
 
 
-def _column_offsets(hlen: int, total: int, teacher: bool) -> list[int]:
+def _columns(teacher: bool, topk: int) -> list[tuple[str, np.dtype, int | None]]:
+    """(field, dtype, k) of each column a tree with these teacher fields carries; k is None for the
+    per-token columns, the width of the [n, k] top-k ones."""
+    fields = [(f, dt, None) for f, dt in _ARRAY_FIELDS + (_TEACHER_FIELD,) * teacher]
+    return fields + [(f, dt, topk) for f, dt in _TOPK_FIELDS] * (topk > 0)
+
+
+def _column_offsets(hlen: int, total: int, columns: list) -> list[int]:
     """Start of each column, and (as the last entry) the end of the encoded tree."""
     offsets = [_pad(8 + hlen)]
-    for _, dt in _ARRAY_FIELDS + (_TEACHER_FIELD,) * teacher:
-        offsets.append(offsets[-1] + _pad(total * np.dtype(dt).itemsize))
+    for _, dt, k in columns:
+        offsets.append(offsets[-1] + _pad(total * (k or 1) * np.dtype(dt).itemsize))
     return offsets
 
 
@@ -236,7 +249,6 @@ def _msgpack_default(obj):
 
 
 _get_dtype = operator.attrgetter("dtype")
-_DTYPES = [np.dtype(dt) for _, dt in _ARRAY_FIELDS]
 
 
 def _column_parts(arrays: list, dtype: np.dtype) -> list:
@@ -255,24 +267,30 @@ def encode(tree: TrajectoryTree) -> bytearray:
                [n.loss_mask for n in nodes], [n.versions for n in nodes]]
     lengths = np.fromiter(map(len, columns[0]), dtype=np.int64, count=len(nodes))
     teacher = any(n.teacher_logprobs is not None for n in nodes)
-    if teacher:   # nodes the teacher did not score (the prompt) travel as zeros
-        columns.append([n.teacher_logprobs if n.teacher_logprobs is not None else np.zeros(len(n), LOGPROB_DTYPE)
-                        for n in nodes])
+    topk = next((n.teacher_topk_ids.shape[1] for n in nodes if n.teacher_topk_ids is not None), 0)
+    layout = _columns(teacher, topk)
+    for name, dtype, k in layout[4:]:   # nodes the teacher did not score (the prompt) travel as zeros
+        values = [getattr(n, name) if getattr(n, name) is not None else np.zeros((len(n), k or 1), dtype)
+                  for n in nodes]
+        if k and any(v.shape != (len(n), k) for v, n in zip(values, nodes)):
+            raise ValueError(f"{name}: every scored node needs [tokens, {k}] values")
+        columns.append([v.reshape(-1) for v in values])
     header = msgpack.packb({
         "v": _CODEC_VERSION,
         "teacher": teacher,
+        "topk": topk,
         "meta": tree.meta,
         "lengths": lengths.tobytes(),
         "nodes": [[n.parent, n.meta, n.reward, n.reward_info, n.advantage, n.infra_failure]
                   for n in nodes],
     }, use_bin_type=True, default=_msgpack_default)
     total = int(lengths.sum())
-    offsets = _column_offsets(len(header), total, teacher)
+    offsets = _column_offsets(len(header), total, layout)
     parts = [len(header).to_bytes(8, "little"), header, bytes(offsets[0] - 8 - len(header))]
-    for column, dtype, start, end in zip(columns, _DTYPES + [_DTYPES[1]], offsets, offsets[1:]):
-        column = _column_parts(column, dtype)
-        parts.extend(column)
-        parts.append(bytes(end - start - total * dtype.itemsize))  # alignment padding
+    for column, (_, dtype, k), start, end in zip(columns, layout, offsets, offsets[1:]):
+        dtype = np.dtype(dtype)
+        parts.extend(_column_parts(column, dtype))
+        parts.append(bytes(end - start - total * (k or 1) * dtype.itemsize))  # alignment padding
     try:
         out = bytearray().join(parts)
     except TypeError:  # a non-contiguous node array: no buffer to join, copy it first
@@ -304,12 +322,13 @@ def decode(data) -> TrajectoryTree:
         if len(records) != len(lengths) or (lengths < 0).any():
             raise ValueError("node table and lengths disagree")
         total = int(lengths.sum())
-        teacher = bool(header.get("teacher"))
-        offsets = _column_offsets(hlen, total, teacher)
+        layout = _columns(bool(header.get("teacher")), int(header.get("topk", 0)))
+        offsets = _column_offsets(hlen, total, layout)
         if offsets[-1] > len(buf):
             raise ValueError(f"{len(buf)} bytes, the arrays need {offsets[-1]}")
-        columns = [np.frombuffer(buf, dtype=dt, count=total, offset=offset)
-                   for (_, dt), offset in zip(_ARRAY_FIELDS + (_TEACHER_FIELD,) * teacher, offsets)]
+        columns = [np.frombuffer(buf, dtype=dt, count=total * k, offset=offset).reshape(total, k) if k
+                   else np.frombuffer(buf, dtype=dt, count=total, offset=offset)
+                   for (_, dt, k), offset in zip(layout, offsets)]
         bounds = [0, *np.cumsum(lengths).tolist()]
         tokens, logprobs, loss_mask, versions = columns[:4]
         tree = TrajectoryTree.__new__(TrajectoryTree)
@@ -318,9 +337,9 @@ def decode(data) -> TrajectoryTree:
         # order after the arrays, so they are passed positionally (the hot loop of decode).
         tree.nodes = [Node(tokens[lo:hi], logprobs[lo:hi], loss_mask[lo:hi], versions[lo:hi], *record)
                       for lo, hi, record in zip(bounds, bounds[1:], records)]
-        if teacher:
+        for (name, _, _), column in zip(layout[4:], columns[4:]):
             for node, lo, hi in zip(tree.nodes, bounds, bounds[1:]):
-                node.teacher_logprobs = columns[4][lo:hi]
+                setattr(node, name, column[lo:hi])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"corrupt trajectory tree (codec version {version}): {err}") from None
     return tree

@@ -14,8 +14,8 @@ from rayrl.rollout.torch_engine import TorchEngine
 from rayrl.tree import NOT_SAMPLED, TrajectoryTree, summarize
 
 
-def scored_batch(ray, path, seed=0):
-    """Groups of agent-like paths of very different lengths, scored by a teacher."""
+def scored_batch(ray, path, seed=0, topk=0):
+    """Groups of agent-like paths of very different lengths, scored by a teacher (with its top-k)."""
     rng, engine = np.random.default_rng(seed), TorchEngine(path)
     batch = []
     for g in range(5):
@@ -25,19 +25,23 @@ def scored_batch(ray, path, seed=0):
             turn = tree.add(0, rng.integers(5, 90, n), -rng.random(n), np.ones(n, np.uint8), np.full(n, 1))
             leaf = tree.add(turn, rng.integers(5, 90, 4), None, np.zeros(4, np.uint8), np.full(4, NOT_SAMPLED))
             tree.nodes[leaf].reward, tree.nodes[leaf].advantage = 1.0, float(rng.normal())
-        score_tree(engine.score, tree)
+        score_tree(engine.score, tree, 1.0, topk)
         batch.append((summarize(tree), ray.put(tree)))
     return batch
 
 
-@pytest.mark.parametrize("kind", ["sft", "rl", "distill"])
-def test_uneven_micro_batches_give_the_same_step(ray_session, tmp_path, kind):
+@pytest.mark.parametrize("kind,topk", [("sft", 0), ("rl", 0), ("distill", 0), ("distill", 8)])
+def test_uneven_micro_batches_give_the_same_step(ray_session, tmp_path, kind, topk):
+    """(With topk, also the same step without Tree Training: the teacher's top-k targets are
+    gathered from the packed forward's rows as from the padded one's.)"""
     from rayrl.learner.group import LearnerGroup
     path = ensure_tiny_model(str(tmp_path), TinyModelConfig())
-    batch = scored_batch(ray_session, path)
+    batch = scored_batch(ray_session, path, topk=topk)
     results = []
-    for budget in (1 << 16, 150):   # one micro-batch per rank | several, a different number per rank
-        cfg = dataclasses.replace(LearnerConfig(), num_workers=2, micro_batch_tokens=budget)
+    for budget, tree_training in ((1 << 16, True), (150, bool(not topk))):
+        # one micro-batch per rank | several, a different number per rank
+        cfg = dataclasses.replace(LearnerConfig(), num_workers=2, micro_batch_tokens=budget,
+                                  tree_training=tree_training)
         group = LearnerGroup(path, cfg, 1e-2, 1.0, seed=0)
         try:
             results.append(group.train_step(batch, kind, 1e-2, rl_weight=0.5))
@@ -48,6 +52,8 @@ def test_uneven_micro_batches_give_the_same_step(ray_session, tmp_path, kind):
     # whose signs depend on the summation order.)
     one, split = results
     assert one["loss_tokens"] == split["loss_tokens"] > 0
+    if topk:   # the forward KL to the teacher's top-k is part of the loss
+        assert split["topk_kl"] == pytest.approx(one["topk_kl"], rel=1e-5) and one["topk_kl"] > 0
     assert split["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7)
     # Measured under ZeRO-2: 5e-4 (sft) to 1.2e-2 (rl) relative apart, not yet explained (noted on
     # the issue); until it is, this checks lockstep and a gradient of the same size only.

@@ -35,6 +35,25 @@ def run(mode, ratios, rhos, advantages, mask=None):
     return loss.detach(), logprobs.grad, stats
 
 
+def test_topk_distill_loss_is_the_forward_kl_to_the_teachers_top_k():
+    from rayrl.algo.losses import topk_distill_token_loss
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 3, 11).log_softmax(-1), torch.randn(2, 3, 11).log_softmax(-1)
+    # k = the vocabulary: exactly KL(teacher || student) per position
+    expected = (teacher.exp() * (teacher - student)).sum(-1)
+    torch.testing.assert_close(topk_distill_token_loss(student, teacher), expected)
+    # top-k: the teacher renormalised over its k tokens, the student's log-probs of those tokens
+    top = teacher.topk(4, dim=-1)
+    renormalised = top.values.log_softmax(-1)
+    picked = student.gather(-1, top.indices)
+    torch.testing.assert_close(topk_distill_token_loss(picked, top.values),
+                               (renormalised.exp() * (renormalised - picked)).sum(-1))
+    # the gradient reaches the student only, and vanishes where the student is the teacher
+    logits = teacher.clone().requires_grad_(True)
+    topk_distill_token_loss(logits.log_softmax(-1), teacher).sum().backward()
+    assert logits.grad.abs().max() < 1e-6
+
+
 def test_sft_token_loss():
     assert torch.equal(sft_token_loss(torch.tensor([[-0.5, -2.0], [0.0, -1.25]])),
                        torch.tensor([[0.5, 2.0], [0.0, 1.25]]))

@@ -61,3 +61,44 @@ def test_per_token_advantages_reach_the_padded_batch():
     batch = pad_paths(paths, advantages=advantages)
     for i, p in enumerate(paths):   # shifted by one: position t holds the advantage of token t+1
         np.testing.assert_array_equal(batch["advantage"][i, :len(p) - 1].numpy(), advantages[i][1:])
+
+
+def test_topk_scoring_gives_the_teachers_k_likeliest_tokens_at_every_position(engine, lively_engine):
+    """distill.topk: at every scored position the k likeliest next tokens and their log-probs
+    (those of a full forward), which survive the codec and reach the padded batch shifted like
+    the other per-token arrays."""
+    k = 5
+    tree = score_tree(lively_engine.score, agent_tree(np.random.default_rng(3)), 1.0, topk=k)
+    n = len(tree.nodes[0])
+    for path in tree.paths():
+        ids = torch.as_tensor(path.tokens.astype(np.int64))[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(lively_engine.model(input_ids=ids).logits[0, :-1].float(), -1)
+        top = logp.topk(k, dim=-1)
+        np.testing.assert_array_equal(path.teacher_topk_ids[n:], top.indices[n - 1:].numpy())
+        np.testing.assert_allclose(path.teacher_topk_logprobs[n:], top.values[n - 1:].numpy(), atol=1e-5)
+        assert (np.diff(path.teacher_topk_logprobs[n:], axis=1) <= 0).all()   # likeliest first
+        assert not path.teacher_topk_logprobs[:n].any()   # the prompt is not scored
+    again = decode(encode(tree))
+    assert again == tree and again.nodes[1].teacher_topk_ids.shape == (len(again.nodes[1]), k)
+    assert decode(encode(score_tree(engine.score, agent_tree(np.random.default_rng(3))))).nodes[1].teacher_topk_ids \
+        is None
+    paths = again.paths()
+    batch = pad_paths(paths)
+    for i, p in enumerate(paths):
+        np.testing.assert_array_equal(batch["topk_ids"][i, :len(p) - 1].numpy(), p.teacher_topk_ids[1:])
+        np.testing.assert_array_equal(batch["topk_logprobs"][i, :len(p) - 1].numpy(), p.teacher_topk_logprobs[1:])
+    assert "topk_ids" not in pad_paths(agent_tree(np.random.default_rng(3)).paths())
+
+
+@pytest.fixture(scope="module")
+def lively_engine(tmp_path_factory):
+    """A tiny model with sharp distributions (a fresh one is near uniform: its top-k would be ties)."""
+    path = ensure_tiny_model(str(tmp_path_factory.mktemp("lively")), TinyModelConfig())
+    engine = TorchEngine(path)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in engine.model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.2, generator=generator)
+    return engine

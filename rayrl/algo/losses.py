@@ -41,6 +41,19 @@ def sft_token_loss(logprobs: torch.Tensor) -> torch.Tensor:
     return -logprobs
 
 
+def topk_distill_token_loss(student_topk: torch.Tensor, teacher_topk: torch.Tensor) -> torch.Tensor:
+    """Top-k on-policy distillation, per token [B, T]: KL(p_teacher || pi_theta) over the teacher's
+    k likeliest tokens at the student's own prefix, the teacher's distribution renormalised over
+    them (the exact forward KL when k is the vocabulary). Inputs [B, T, k]: the log-probs of the
+    teacher's top-k tokens under the student (with gradient) and under the teacher.
+
+    Unlike the sampled estimate (rayrl.algo.distill), every position carries the teacher's whole
+    preference over the k tokens, not one sampled token's log-ratio, so its gradient has no
+    sampling variance (GKD's on-policy distillation with the forward KL)."""
+    teacher = torch.log_softmax(teacher_topk.detach().float(), dim=-1)
+    return (teacher.exp() * (teacher - student_topk)).sum(-1)
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / count
 

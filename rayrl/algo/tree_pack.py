@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rayrl.algo.logprobs import gather_logprobs
+
 _ROOT = 0  # the trie's virtual root: an empty node above the forest
 # Node-wise tree attention gathers, for every node below a root, its ancestors' keys and values
 # followed by its own: depth + length rows. That grows with depth times branching (a trunk with a
@@ -203,11 +205,7 @@ def tree_logprobs(logits: torch.Tensor, parent: torch.Tensor, tokens: torch.Tens
     and each label is one gathered element, so no [N, V] log-softmax is kept for backward. Roots
     (parent -1) have no prediction; their entries are finite placeholders that no path reads.
     """
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    rows = parent.clamp(min=0)
-    return logits[rows, tokens] - torch.logsumexp(logits, dim=-1)[rows]
+    return gather_logprobs(logits, tokens, temperature, rows=parent.clamp(min=0))
 
 
 def tree_micro_batches(paths: list[np.ndarray], token_budget: int) -> list[list[int]]:

@@ -11,7 +11,7 @@ import torch
 
 from rayrl.algo.distill import distill_advantages
 from rayrl.algo.logprobs import gather_logprobs
-from rayrl.algo.losses import aggregate, policy_token_loss, sft_token_loss
+from rayrl.algo.losses import aggregate, policy_token_loss, sft_token_loss, topk_distill_token_loss
 from rayrl.algo.mcla import average_passes, mcla_passes
 from rayrl.algo.mismatch import check_mismatch, onpolicy_mismatch_sums
 from rayrl.algo.tree_pack import pack_paths, tree_micro_batches
@@ -41,7 +41,8 @@ def pad_paths(paths: list[Path], pad_id: int = 0, advantages: list[np.ndarray] |
 
     `advantages`: per-token advantages of each path (distillation); by default each path's
     (sequence) advantage on every token. `versions`: the version that sampled each token
-    (NOT_SAMPLED on prompt, observation and padding), for the weight-sync check."""
+    (NOT_SAMPLED on prompt, observation and padding), for the weight-sync check. Paths a teacher
+    scored with its top-k also give `topk_ids` and `topk_logprobs` [B, T-1, k]."""
     width = max(len(p) for p in paths)
     out = {"tokens": np.full((len(paths), width), pad_id, np.int64),
            "attention": np.zeros((len(paths), width), np.int64),
@@ -57,10 +58,18 @@ def pad_paths(paths: list[Path], pad_id: int = 0, advantages: list[np.ndarray] |
         out["loss_mask"][i, :n] = p.loss_mask
         out["advantage"][i, :n] = advantages[i] if advantages is not None else (p.advantage or 0.0)
         out["versions"][i, :n] = p.versions
+    if all(p.teacher_topk_ids is not None for p in paths):
+        k = paths[0].teacher_topk_ids.shape[1]
+        out["topk_ids"] = np.zeros((len(paths), width, k), np.int64)
+        out["topk_logprobs"] = np.zeros((len(paths), width, k), np.float32)
+        for i, p in enumerate(paths):
+            out["topk_ids"][i, :len(p)] = p.teacher_topk_ids
+            out["topk_logprobs"][i, :len(p)] = p.teacher_topk_logprobs
     batch = {k: torch.from_numpy(v) for k, v in out.items()}
     # Labels are tokens[1:]; every per-token array is shifted to align with them.
-    for k in ("behaviour", "loss_mask", "advantage", "versions"):
-        batch[k] = batch[k][:, 1:]
+    for k in ("behaviour", "loss_mask", "advantage", "versions", "topk_ids", "topk_logprobs"):
+        if k in batch:
+            batch[k] = batch[k][:, 1:]
     return batch
 
 
@@ -120,17 +129,23 @@ class LearnerWorker:
         self.device = self.engine.device
 
     # -- training -------------------------------------------------------------------------
-    def _token_logprobs(self, batch: dict) -> torch.Tensor:
-        """[B, T-1]: position t holds the log-prob of token t+1 of path b."""
+    def _token_logprobs(self, batch: dict, topk: bool = False) -> torch.Tensor:
+        """[B, T-1]: position t holds the log-prob of token t+1 of path b. With `topk`,
+        [B, T-1, 1 + k]: that log-prob followed by those of the teacher's top-k tokens there."""
         if "tree" in batch:   # one forward over the unique tokens, gathered back per path
-            from rayrl.models.tree_attention import packed_logprobs
+            from rayrl.models.tree_attention import packed_logits
             packed = batch["tree"]
+            logits = packed_logits(self.engine, packed)
             index = torch.from_numpy(packed.label_index(batch["tokens"].shape[1])).to(self.device)
-            return packed_logprobs(self.engine, packed, self.temperature)[index]
-        tokens = batch["tokens"].to(self.device)
-        attention = batch["attention"].to(self.device)
-        logits = self.engine(input_ids=tokens, attention_mask=attention).logits
-        return gather_logprobs(logits[:, :-1], tokens[:, 1:], self.temperature)
+            rows = torch.as_tensor(packed.parent, device=self.device)[index].clamp(min=0)
+            labels = torch.as_tensor(packed.tokens, device=self.device)[index]
+        else:
+            tokens = batch["tokens"].to(self.device)
+            logits = self.engine(input_ids=tokens, attention_mask=batch["attention"].to(self.device)).logits[:, :-1]
+            rows, labels = None, tokens[:, 1:]
+        if topk:
+            labels = torch.cat([labels.unsqueeze(-1), batch["topk_ids"].to(self.device)], dim=-1)
+        return gather_logprobs(logits, labels, self.temperature, rows=rows)
 
     def train_step(self, tree_refs: list, kind: str, lr: float, totals: dict, rl_weight: float = 0.0) -> dict:
         """One optimizer step on this rank's share of the batch.
@@ -198,8 +213,11 @@ class LearnerWorker:
             missing = sum(p.teacher_logprobs is None for p in batch)
             if missing:
                 raise ValueError(f"distill step: {missing} paths were not scored by a teacher")
-            advantages = [distill_advantages(p.logprobs, p.teacher_logprobs, p.loss_mask, p.advantage or 0.0,
-                                             rl_weight, (kl_mean or {}).get(p.domain, 0.0)) for p in batch]
+            if all(p.teacher_topk_ids is not None for p in batch):   # the teacher's top-k is the target
+                advantages = [np.full(len(p), rl_weight * (p.advantage or 0.0), np.float32) for p in batch]
+            else:
+                advantages = [distill_advantages(p.logprobs, p.teacher_logprobs, p.loss_mask, p.advantage or 0.0,
+                                                 rl_weight, (kl_mean or {}).get(p.domain, 0.0)) for p in batch]
         tensors = pad_paths(batch, advantages=advantages)
         if self.cfg.tree_training:
             tensors["tree"] = pack_paths([p.tokens for p in batch])
@@ -221,8 +239,11 @@ class LearnerWorker:
         return average_passes(logprobs, another, k)
 
     def _micro_loss(self, batch: dict, kind: str, totals: dict) -> tuple[torch.Tensor, dict]:
+        topk = kind == "distill" and "topk_ids" in batch
         with replay_routes(self.engine, batch.get("routes")):
-            logprobs = self._token_logprobs(batch)
+            logprobs = self._token_logprobs(batch, topk)
+        if topk:
+            logprobs, student_topk = logprobs[..., 0], logprobs[..., 1:]
         mask = batch["loss_mask"].to(self.device)
         n_tokens = float(mask.sum())
         loss_cfg = self.cfg.loss
@@ -234,6 +255,10 @@ class LearnerWorker:
             token_loss, stats = policy_token_loss(logprobs, logprobs.detach(), batch["behaviour"].to(self.device),
                                                   batch["advantage"].to(self.device), mask, loss_cfg,
                                                   is_logprobs=self._mcla_logprobs(batch, logprobs))
+            if topk:
+                topk_kl = topk_distill_token_loss(student_topk, batch["topk_logprobs"].to(self.device)) * mask
+                token_loss = token_loss + topk_kl
+                stats["topk_kl"] = topk_kl.detach().sum() / max(n_tokens, 1.0)
             mode = loss_cfg.aggregation
         loss = aggregate(token_loss, mask, mode, totals["loss_tokens"], totals["num_paths"],
                          loss_cfg.constant_norm)

@@ -153,11 +153,9 @@ def _tree_attention(model):
         config._attn_implementation = previous
 
 
-def packed_logprobs(model, packed: PackedTree, temperature: float = 1.0, backend: str = "auto",
-                    query_block: int = QUERY_BLOCK) -> torch.Tensor:
-    """Log-prob of every packed token under `model` given its ancestors, [N] float32 (roots hold
-    placeholders). `model` is a HF causal LM or a wrapper that forwards keyword arguments to one
-    (a DeepSpeed engine)."""
+def packed_logits(model, packed: PackedTree, backend: str = "auto", query_block: int = QUERY_BLOCK) -> torch.Tensor:
+    """The logits of every packed token under `model` given its ancestors, [N, V]. `model` is a HF
+    causal LM or a wrapper that forwards keyword arguments to one (a DeepSpeed engine)."""
     hf_model = getattr(model, "module", model)
     if getattr(hf_model, "is_activation_checkpointing", False):
         # The recomputation in backward would run after the attention implementation is restored.
@@ -166,6 +164,14 @@ def packed_logprobs(model, packed: PackedTree, temperature: float = 1.0, backend
     plan = TreePlan(packed, device, backend, query_block)
     tokens = torch.as_tensor(packed.tokens, device=device)
     with _tree_attention(hf_model):
-        logits = model(input_ids=tokens[None], position_ids=torch.as_tensor(packed.position, device=device)[None],
-                       use_cache=False, tree_plan=plan).logits[0]
-    return tree_logprobs(logits, torch.as_tensor(packed.parent, device=device), tokens, temperature)
+        return model(input_ids=tokens[None], position_ids=torch.as_tensor(packed.position, device=device)[None],
+                     use_cache=False, tree_plan=plan).logits[0]
+
+
+def packed_logprobs(model, packed: PackedTree, temperature: float = 1.0, backend: str = "auto",
+                    query_block: int = QUERY_BLOCK) -> torch.Tensor:
+    """Log-prob of every packed token under `model` given its ancestors, [N] float32 (roots hold
+    placeholders)."""
+    logits = packed_logits(model, packed, backend, query_block)
+    return tree_logprobs(logits, torch.as_tensor(packed.parent, device=logits.device),
+                         torch.as_tensor(packed.tokens, device=logits.device), temperature)

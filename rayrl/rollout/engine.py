@@ -55,8 +55,12 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def score(self, prompts: list[TokenIds], continuations: list[TokenIds],
-              temperature: float = 1.0) -> list[np.ndarray]:
-        """float32 `log softmax(logits / temperature)` of each continuation token given its prefix."""
+              temperature: float = 1.0, topk: int = 0) -> list:
+        """float32 `log softmax(logits / temperature)` of each continuation token given its prefix.
+
+        With `topk` > 0, per continuation a triple: those log-probs [n], and at each of its
+        positions the k likeliest token ids [n, k] (int32) with their log-probs [n, k] (float32),
+        likeliest first (top-k on-policy distillation)."""
 
     @abc.abstractmethod
     def load_weights(self, state_dict: dict[str, np.ndarray], version: int) -> None:

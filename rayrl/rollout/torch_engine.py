@@ -65,27 +65,30 @@ class TorchEngine(Engine):
 
     @torch.inference_mode()
     def score(self, prompts: list[TokenIds], continuations: list[TokenIds],
-              temperature: float = 1.0) -> list[np.ndarray]:
+              temperature: float = 1.0, topk: int = 0) -> list:
         """One forward pass per chunk over the left-padded `prompt + continuation` rows.
 
         Left padding right-aligns the continuations, so only the last `max continuation + 1`
         positions need logits (the vocabulary projection dominates memory for real models).
         """
-        return self.score_passes(prompts, continuations, temperature)[0]
+        return self.score_passes(prompts, continuations, temperature, topk=topk)[0]
 
     @torch.inference_mode()
     def score_passes(self, prompts: list[TokenIds], continuations: list[TokenIds], temperature: float = 1.0,
-                     passes: int = 1, record_routes: bool = False) -> tuple[list[np.ndarray], list | None]:
+                     passes: int = 1, record_routes: bool = False, topk: int = 0) -> tuple[list, list | None]:
         """`score` as the mean over `passes` forward passes (MCLA), and with `record_routes` (MoE
         models) the experts of every token of `prompt + continuation` [tokens, layers, k] chosen
-        in the first pass, which the later passes then replay (routing replay)."""
+        in the first pass, which the later passes then replay (routing replay). `topk` (one pass
+        only): the triples of `Engine.score`."""
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        if topk and passes != 1:
+            raise ValueError("top-k scoring takes one pass")
         control = routing(self.model) if record_routes else None
         prompts = _as_id_arrays(prompts)
         continuations = [np.asarray(c, dtype=np.int64).reshape(-1) for c in continuations]
         sequences = [np.concatenate([p, c]) for p, c in zip(prompts, continuations)]
-        results: list[np.ndarray | None] = [None] * len(prompts)
+        results: list = [None] * len(prompts)
         routes: list | None = [None] * len(prompts) if control is not None else None
         for chunk in self._chunks(sequences):
             input_ids, attention_mask = _left_pad([sequences[i] for i in chunk])
@@ -101,8 +104,14 @@ class TorchEngine(Engine):
                     plan = control.recorded()
                 total = total + gather_logprobs(logits[:, :-1], labels, temperature)
             logprobs = (total / passes).numpy()
+            if topk:
+                top = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1).topk(topk, dim=-1)
+                top_ids, top_logprobs = top.indices.numpy().astype(np.int32), top.values.numpy()
             for row, i in enumerate(chunk):
-                results[i] = logprobs[row, longest - len(continuations[i]):].astype(np.float32)
+                cut = slice(longest - len(continuations[i]), None)
+                results[i] = logprobs[row, cut].astype(np.float32)
+                if topk:
+                    results[i] = (results[i], top_ids[row, cut], top_logprobs[row, cut])
             if control is not None:
                 width = input_ids.shape[1]
                 per_row = plan.reshape(len(chunk), width, control.num_layers, control.top_k).numpy()

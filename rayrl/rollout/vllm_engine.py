@@ -127,36 +127,46 @@ class VLLMEngine(Engine):
         return completions
 
     def score(self, prompts: list[TokenIds], continuations: list[TokenIds],
-              temperature: float = 1.0) -> list[np.ndarray]:
+              temperature: float = 1.0, topk: int = 0) -> list:
         if len(prompts) != len(continuations):
             raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
         if temperature <= 0:
             raise ValueError(f"scoring temperature must be > 0, got {temperature}")
         prompts = self._as_prompts(prompts)
         continuations = [np.asarray(c, np.int64).reshape(-1).tolist() for c in continuations]
-        results: list[np.ndarray | None] = [np.zeros(0, np.float32) if not c else None for c in continuations]
+        empty = ((np.zeros(0, np.float32), np.zeros((0, topk), np.int32), np.zeros((0, topk), np.float32))
+                 if topk else np.zeros(0, np.float32))
+        results: list = [empty if not c else None for c in continuations]
         todo = [i for i, c in enumerate(continuations) if c]
         if not todo:
             return results
         from vllm import SamplingParams as VLLMSamplingParams
         full = temperature != 1.0   # re-tempering needs every token's log-prob at every position
         request = VLLMSamplingParams(max_tokens=1, temperature=0.0, detokenize=False,
-                                     prompt_logprobs=-1 if full else 0)
+                                     prompt_logprobs=-1 if full else topk)
         sequences = self._as_prompts([prompts[i] + continuations[i] for i in todo])
         outputs = self._call(self.llm.generate, [{"prompt_token_ids": s} for s in sequences], request, use_tqdm=False)
         for i, out in zip(todo, outputs):
-            start = len(prompts[i])
-            positions = out.prompt_logprobs[start:]
+            positions, tokens = out.prompt_logprobs[len(prompts[i]):], continuations[i]
             if full:
-                values = []
-                for step, token in zip(positions, continuations[i]):
-                    row = np.full(self.vocab_size, -np.inf)
+                rows = np.full((len(tokens), self.vocab_size), -np.inf)
+                for row, step in zip(rows, positions):
                     row[list(step)] = [lp.logprob for lp in step.values()]
-                    tempered = row / temperature
-                    values.append(tempered[token] - np.logaddexp.reduce(tempered))
+                rows = rows / temperature
+                rows -= np.logaddexp.reduce(rows, axis=1, keepdims=True)
+                values = rows[np.arange(len(tokens)), tokens]
+                top_ids = np.argsort(-rows, axis=1, kind="stable")[:, :topk]
+                top_logprobs = np.take_along_axis(rows, top_ids, axis=1)
             else:
-                values = [step[token].logprob for step, token in zip(positions, continuations[i])]
+                values = [step[token].logprob for step, token in zip(positions, tokens)]
+                # the sampled token is listed too when it is not among the k likeliest
+                ranked = [sorted(step.items(), key=lambda item: item[1].rank)[:topk] for step in positions]
+                top_ids = [[t for t, _ in r] for r in ranked]
+                top_logprobs = [[lp.logprob for _, lp in r] for r in ranked]
             results[i] = np.asarray(values, np.float32)
+            if topk:
+                results[i] = (results[i], np.asarray(top_ids, np.int32).reshape(-1, topk),
+                              np.asarray(top_logprobs, np.float32).reshape(-1, topk))
         return results
 
     def _sampling(self, params: SamplingParams, seed: int | None):
