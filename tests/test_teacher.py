@@ -102,3 +102,12 @@ def lively_engine(tmp_path_factory):
             if p.dim() > 1:
                 p.normal_(0.0, 0.2, generator=generator)
     return engine
+
+
+def test_a_top_k_wider_than_the_vocabulary_is_refused(engine, tmp_path):
+    from rayrl.rollout.teacher import Teacher
+    path = ensure_tiny_model(str(tmp_path), TinyModelConfig())
+    vocab = engine.vocab_size
+    assert Teacher(path, topk=vocab).topk == vocab
+    with pytest.raises(ValueError, match=f"distill.topk={vocab + 1} exceeds the vocabulary"):
+        Teacher(path, topk=vocab + 1)

@@ -48,6 +48,7 @@ class Engine(abc.ABC):
     """Samples continuations of token prompts and scores given continuations, at a weight version."""
 
     version: int
+    vocab_size: int
 
     @abc.abstractmethod
     def generate(self, prompts: list[TokenIds], params: SamplingParams) -> list[Completion]:

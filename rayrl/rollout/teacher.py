@@ -52,6 +52,9 @@ class Teacher:
         from rayrl.rollout.engine import create_engine
         torch.set_num_threads(torch_threads)
         self.engine = create_engine(engine, model_path, max_batch=max_batch)   # rollout.engine
+        if topk > self.engine.vocab_size:
+            raise ValueError(f"distill.topk={topk} exceeds the vocabulary of the teacher {model_path} "
+                             f"({self.engine.vocab_size} tokens)")
         self.temperature = temperature if temperature > 0 else 1.0
         self.topk = topk
         self.scored = 0

@@ -28,6 +28,7 @@ class TorchEngine(Engine):
     def __init__(self, path: str, dtype: torch.dtype = torch.float32, max_batch: int = 256, seed: int = 0):
         self.model = load_model(path, dtype)
         self.max_batch = max_batch
+        self.vocab_size = self.model.config.vocab_size
         self.version = 0
         # MCLA / routing replay on the engine side (set from the run's MCLAConfig by the generator).
         self.logprob_passes = 1
