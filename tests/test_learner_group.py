@@ -1,6 +1,8 @@
 """LearnerGroup: a step split into any number of micro-batches, unevenly over the ranks, is the
 same step. ZeRO reduces gradients during backward, so the ranks must run as many backward passes
-(before the fix, uneven counts aborted gloo with a message-size mismatch)."""
+(before the fix, uneven counts aborted gloo with a message-size mismatch), and a rank's extra
+passes must fire the gradient hooks in the order a real backward does (before that fix ZeRO-2's
+gradient was 0.05-1.2% off and ZeRO-3 raised)."""
 
 import dataclasses
 
@@ -30,8 +32,9 @@ def scored_batch(ray, path, seed=0, topk=0):
     return batch
 
 
-@pytest.mark.parametrize("kind,topk", [("sft", 0), ("rl", 0), ("distill", 0), ("distill", 8)])
-def test_uneven_micro_batches_give_the_same_step(ray_session, tmp_path, kind, topk):
+@pytest.mark.parametrize("kind,topk,zero", [("sft", 0, 2), ("rl", 0, 2), ("distill", 0, 2), ("distill", 8, 2),
+                                           ("rl", 0, 3)])
+def test_uneven_micro_batches_give_the_same_step(ray_session, tmp_path, kind, topk, zero):
     """(With topk, also the same step without Tree Training: the teacher's top-k targets are
     gathered from the packed forward's rows as from the padded one's.)"""
     from rayrl.learner.group import LearnerGroup
@@ -41,7 +44,7 @@ def test_uneven_micro_batches_give_the_same_step(ray_session, tmp_path, kind, to
     for budget, tree_training in ((1 << 16, True), (150, bool(not topk))):
         # one micro-batch per rank | several, a different number per rank
         cfg = dataclasses.replace(LearnerConfig(), num_workers=2, micro_batch_tokens=budget,
-                                  tree_training=tree_training)
+                                  tree_training=tree_training, zero_stage=zero)
         group = LearnerGroup(path, cfg, 1e-2, 1.0, seed=0)
         try:
             results.append(group.train_step(batch, kind, 1e-2, rl_weight=0.5))
@@ -55,6 +58,6 @@ def test_uneven_micro_batches_give_the_same_step(ray_session, tmp_path, kind, to
     if topk:   # the forward KL to the teacher's top-k is part of the loss
         assert split["topk_kl"] == pytest.approx(one["topk_kl"], rel=1e-5) and one["topk_kl"] > 0
     assert split["loss"] == pytest.approx(one["loss"], rel=1e-5, abs=1e-7)
-    # Measured under ZeRO-2: 5e-4 (sft) to 1.2e-2 (rl) relative apart, not yet explained (noted on
-    # the issue); until it is, this checks lockstep and a gradient of the same size only.
-    assert split["grad_norm"] == pytest.approx(one["grad_norm"], rel=5e-2) and one["grad_norm"] > 0
+    # Only the summation order differs (measured: equal to the last digit under ZeRO-2, 1e-7 apart
+    # under ZeRO-3).
+    assert split["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5) and one["grad_norm"] > 0

@@ -170,8 +170,13 @@ class LearnerWorker:
         count = torch.tensor([len(batches)], device=self.device)
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
         for _ in range(max(int(count.item()), 1) - len(batches)):
-            # A rank with fewer micro-batches (or none) joins the extra reductions with zero gradients.
-            self.engine.backward(sum(p.sum() for p in self.engine.module.parameters()) * 0.0)
+            # A rank with fewer micro-batches (or none) joins the extra reductions with zero gradients,
+            # from a real forward: ZeRO-2 fills its reduction buckets in the order the gradient hooks
+            # fire, so a backward through `sum(p.sum())` (parameter order) paired one rank's gradients
+            # with another's of other parameters (measured: the step's gradient norm 1.2% off), and
+            # ZeRO-3, whose parameters are empty outside a forward, refused it.
+            one_token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            self.engine.backward(self.engine(input_ids=one_token).logits.sum() * 0.0)
         for batch in batches:
             loss, stats = self._micro_loss(self._batch_tensors(batch, kind, rl_weight, totals.get("reverse_kl")),
                                            kind, totals)
