@@ -4,12 +4,14 @@ A tree holds one prompt group. Node 0 is the root (the prompt). Every node carri
 segment with, per token, the behaviour log-prob, a loss mask (1 = sampled by the model) and the
 policy version that sampled it; for on-policy distillation a teacher adds its log-prob of every
 token (`teacher_logprobs`, None until scored) and, for top-k distillation, its k likeliest tokens
-at every position with their log-probs (`teacher_topk_ids`, `teacher_topk_logprobs`, [n, k]). Leaves carry the reward, its breakdown, the advantage
-and whether the episode failed for an infrastructure reason. Each root-to-leaf path is one sample.
+at every position with their log-probs (`teacher_topk_ids`, `teacher_topk_logprobs`, [n, k]).
+Leaves carry the reward, its breakdown, the advantage and whether the episode failed for an
+infrastructure reason. Each root-to-leaf path is one sample.
 
 The wire format is msgpack; the arrays of all nodes travel as contiguous raw buffers (a fifth for
-teacher log-probs when the tree has them, two more for the teacher's top-k), and a decoded tree's arrays are zero-copy views into the received bytes. Trees pickle through the same
-codec (out-of-band with protocol 5), so `ray.put` / `ray.get` never pickles an array.
+teacher log-probs when the tree has them, two more for the teacher's top-k), and a decoded tree's
+arrays are zero-copy views into the received bytes. Trees pickle through the same codec
+(out-of-band with protocol 5), so `ray.put` / `ray.get` never pickles an array.
 """
 
 from __future__ import annotations

@@ -172,8 +172,8 @@ def unify(cfg) -> dict:
     scfg = student_config(cfg)
     teachers = {d: ray.remote(Teacher).options(**role_options(cfg.distill.teacher_cpus, cfg.distill.teacher_gpus,
                                                               cfg.distill.teacher_resources)).remote(
-        e["path"], cfg.distill.teacher_temperature or cfg.rollout.temperature, cfg.rollout.max_batch, cfg.run.torch_threads, cfg.rollout.engine,
-        cfg.distill.topk)
+        e["path"], cfg.distill.teacher_temperature or cfg.rollout.temperature, cfg.rollout.max_batch,
+        cfg.run.torch_threads, cfg.rollout.engine, cfg.distill.topk)
         for d, e in experts.items()}
     roles = spawn(scfg, base)
     try:

@@ -50,6 +50,11 @@ def pad_paths(paths: list[Path], pad_id: int = 0, advantages: list[np.ndarray] |
            "loss_mask": np.zeros((len(paths), width), np.float32),
            "advantage": np.zeros((len(paths), width), np.float32),
            "versions": np.full((len(paths), width), NOT_SAMPLED, np.int64)}
+    topk = all(p.teacher_topk_ids is not None for p in paths)
+    if topk:
+        k = paths[0].teacher_topk_ids.shape[1]
+        out["topk_ids"] = np.zeros((len(paths), width, k), np.int64)
+        out["topk_logprobs"] = np.zeros((len(paths), width, k), np.float32)
     for i, p in enumerate(paths):
         n = len(p)
         out["tokens"][i, :n] = p.tokens
@@ -58,13 +63,9 @@ def pad_paths(paths: list[Path], pad_id: int = 0, advantages: list[np.ndarray] |
         out["loss_mask"][i, :n] = p.loss_mask
         out["advantage"][i, :n] = advantages[i] if advantages is not None else (p.advantage or 0.0)
         out["versions"][i, :n] = p.versions
-    if all(p.teacher_topk_ids is not None for p in paths):
-        k = paths[0].teacher_topk_ids.shape[1]
-        out["topk_ids"] = np.zeros((len(paths), width, k), np.int64)
-        out["topk_logprobs"] = np.zeros((len(paths), width, k), np.float32)
-        for i, p in enumerate(paths):
-            out["topk_ids"][i, :len(p)] = p.teacher_topk_ids
-            out["topk_logprobs"][i, :len(p)] = p.teacher_topk_logprobs
+        if topk:
+            out["topk_ids"][i, :n] = p.teacher_topk_ids
+            out["topk_logprobs"][i, :n] = p.teacher_topk_logprobs
     batch = {k: torch.from_numpy(v) for k, v in out.items()}
     # Labels are tokens[1:]; every per-token array is shifted to align with them.
     for k in ("behaviour", "loss_mask", "advantage", "versions", "topk_ids", "topk_logprobs"):

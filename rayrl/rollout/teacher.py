@@ -15,7 +15,7 @@ from rayrl.tree import LOGPROB_DTYPE, TOKEN_DTYPE, TrajectoryTree
 
 def score_tree(score, tree: TrajectoryTree, temperature: float = 1.0, topk: int = 0) -> TrajectoryTree:
     """Fill `teacher_logprobs` (and with `topk` the top-k fields) of every node;
-    `score(prompts, continuations, temperature[, topk])` is an engine's scoring call. One scored
+    `score(prompts, continuations, temperature, topk)` is an engine's scoring call (`Engine.score`). One scored
     sequence per leaf; a node shared by several paths gets the same values from each (same prefix),
     the root (the prompt) gets zeros."""
     root = tree.nodes[0]
@@ -23,8 +23,7 @@ def score_tree(score, tree: TrajectoryTree, temperature: float = 1.0, topk: int 
     chains = [tree.ancestry(leaf)[1:] for leaf in leaves]
     continuations = [np.concatenate([tree.nodes[i].tokens for i in chain]) if chain else np.zeros(0, np.int32)
                      for chain in chains]
-    prompts = [root.tokens] * len(leaves)
-    scored = score(prompts, continuations, temperature, topk) if topk else score(prompts, continuations, temperature)
+    scored = score([root.tokens] * len(leaves), continuations, temperature, topk)
     root.teacher_logprobs = np.zeros(len(root), LOGPROB_DTYPE)
     if topk:
         root.teacher_topk_ids = np.zeros((len(root), topk), TOKEN_DTYPE)

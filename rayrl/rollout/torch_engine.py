@@ -105,9 +105,10 @@ class TorchEngine(Engine):
                     plan = control.recorded()
                 total = total + gather_logprobs(logits[:, :-1], labels, temperature)
             logprobs = (total / passes).numpy()
-            if topk:
-                top = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1).topk(topk, dim=-1)
-                top_ids, top_logprobs = top.indices.numpy().astype(np.int32), top.values.numpy()
+            if topk:   # tempering keeps the order: the k largest logits are the k likeliest tokens
+                ids = logits[:, :-1].topk(topk, dim=-1).indices
+                top_ids = ids.numpy().astype(np.int32)
+                top_logprobs = gather_logprobs(logits[:, :-1], ids, temperature).numpy()
             for row, i in enumerate(chunk):
                 cut = slice(longest - len(continuations[i]), None)
                 results[i] = logprobs[row, cut].astype(np.float32)
