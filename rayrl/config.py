@@ -205,8 +205,14 @@ class LearnerConfig:
 @dataclass
 class SFTConfig:
     steps: int = 0                    # warm-start steps on oracle demonstrations (0 = none)
-    lr: float = 3e-3
+    lr: float = 3e-3                  # the peak rate
     batch_size: int = 64
+    # constant | cosine (from lr down to lr * final_lr_ratio), after a linear warm-up from 0 to lr
+    # (rayrl.algo.schedule). The GRPO recipes keep constant: their warm starts are meant to leave RL
+    # something to learn; train_expert.yaml (and so the Specialize-then-Unify base) uses cosine.
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    final_lr_ratio: float = 0.05
 
 
 @dataclass
@@ -327,13 +333,15 @@ _CHOICES = {
     "learner.loss.ratio_level": ("token", "sequence", "turn"),
     "learner.loss.mcla.side": ("engine", "learner", "both"),
     "replay.resampling": ("none", "history"),
+    "trainer.sft.schedule": ("constant", "cosine"),
 }
 _MINIMUM = {  # key: smallest allowed value
     "rollout.num_generators": 1, "rollout.group_size": 1, "rollout.max_new_tokens": 1,
     "rollout.temperature": 0.0, "rollout.max_batch": 1, "reward.num_graders": 1, "rollout.max_mismatch_kl": 0.0,
     "replay.max_staleness": 0, "replay.capacity": 1, "learner.num_workers": 1,
     "learner.micro_batch_tokens": 1, "trainer.total_steps": 0, "trainer.groups_per_step": 1,
-    "trainer.sft.steps": 0, "trainer.sft.batch_size": 1, "trainer.lr": 0.0, "task.eval_size": 1,
+    "trainer.sft.steps": 0, "trainer.sft.batch_size": 1, "trainer.sft.warmup_steps": 0,
+    "trainer.sft.final_lr_ratio": 0.0, "trainer.lr": 0.0, "task.eval_size": 1,
     "rollout.max_turns": 1, "rollout.max_episode_tokens": 1, "distill.steps": 0, "distill.lr": 0.0,
     "distill.topk": 0, "distill.teacher_temperature": 0.0, "unify.base_sft_steps": 0,
     "replay.prompts": 0, "learner.loss.mcla.k": 0, "model.tiny.router_noise": 0.0, "srpo.eval_every": 0,

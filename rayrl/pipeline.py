@@ -20,6 +20,7 @@ from envs.pools import node_pools
 from rayrl.algo.distill import domain_reverse_kl
 from rayrl.algo.mismatch import check_served_versions
 from rayrl.algo.resampling import effective_fraction
+from rayrl.algo.schedule import lr_at
 from rayrl.config import check_resume, expand, role_demands, to_dict
 from rayrl.learner.group import LearnerGroup
 from rayrl.metrics import MetricsLogger
@@ -181,8 +182,9 @@ class Trainer:
         batches = batches or sft_batches(self.roles.generators, sft.batch_size, steps, self.cfg.run.seed * 7919 + 1)
         history = []
         for step, batch in enumerate(batches, 1):
-            stats = self.roles.learner.train_step(batch, "sft", sft.lr)
-            history.append(log.log(-steps + step, {"phase": "sft", "sft_nll": stats["nll"]}))
+            lr = lr_at(step, steps, sft.lr, sft.schedule, sft.warmup_steps, sft.final_lr_ratio)
+            stats = self.roles.learner.train_step(batch, "sft", lr)
+            history.append(log.log(-steps + step, {"phase": "sft", "sft_nll": stats["nll"], "lr": lr}))
             progress.update(1)
             progress.set_postfix(nll=f"{stats['nll']:.3f}")
         self.version += 1
