@@ -17,7 +17,7 @@ from tests.ray_head import ray_head
 def test_unify_distill_through_ray_job_submit(tmp_path):
     run_dir = tmp_path / "unify"
     args = ["unify.domains=[terminal,general]", "trainer.sft.steps=60", "trainer.total_steps=2",
-            "task.eval_size=8", "unify.base_sft_steps=30", "distill.steps=8",
+            "task.eval_size=8", "unify.base_sft_steps=30", "distill.steps=8", "distill.lr=2e-4",
             "distill.baseline=false", "run.progress=false", f"run.dir={run_dir}"]
     with ray_head() as head:
         status, logs = head.wait(head.submit(["python", "recipes/unify_distill.py", *args]), timeout_s=1300)
