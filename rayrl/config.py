@@ -16,6 +16,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from rayrl.algo.schedule import SCHEDULES
+
 
 class ConfigError(ValueError):
     pass
@@ -333,7 +335,7 @@ _CHOICES = {
     "learner.loss.ratio_level": ("token", "sequence", "turn"),
     "learner.loss.mcla.side": ("engine", "learner", "both"),
     "replay.resampling": ("none", "history"),
-    "trainer.sft.schedule": ("constant", "cosine"),
+    "trainer.sft.schedule": SCHEDULES,
 }
 _MINIMUM = {  # key: smallest allowed value
     "rollout.num_generators": 1, "rollout.group_size": 1, "rollout.max_new_tokens": 1,

@@ -1,4 +1,4 @@
-"""Learning-rate schedules (rayrl.algo.schedule), and the SFT warm start following one."""
+"""Learning-rate schedules (rayrl.algo.schedule) and their config keys."""
 
 import math
 

@@ -10,8 +10,8 @@ SCHEDULES = ("constant", "cosine")
 def lr_at(step: int, steps: int, peak: float, schedule: str = "constant", warmup: int = 0,
           final_ratio: float = 0.0) -> float:
     """The learning rate of update `step` (1-based) of `steps`: a linear warm-up over the first
-    `warmup` updates (at most a tenth of `steps`, so that a short run still trains at its peak), then `constant` at `peak` or `cosine` from `peak` down to `final_ratio * peak`
-    at the last update.
+    `warmup` updates (at most a tenth of `steps`, so that a short run still trains at its peak),
+    then `constant` at `peak` or `cosine` from `peak` down to `final_ratio * peak` at the last update.
 
     Why a schedule for SFT: a fresh Adam moves every parameter by about lr on its first updates,
     and a constant rate leaves the model bouncing around the minimum. Measured on the tiny model's
