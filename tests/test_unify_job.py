@@ -17,7 +17,7 @@ from tests.ray_head import ray_head
 def test_unify_distill_through_ray_job_submit(tmp_path):
     run_dir = tmp_path / "unify"
     args = ["unify.domains=[terminal,general]", "trainer.sft.steps=60", "trainer.total_steps=2",
-            "task.eval_size=8", "unify.base_sft_steps=30", "distill.steps=8", "distill.lr=2e-4",
+            "task.eval_size=8", "unify.base_sft_steps=30", "distill.steps=16", "distill.lr=1e-3",
             "distill.baseline=false", "run.progress=false", f"run.dir={run_dir}"]
     with ray_head() as head:
         status, logs = head.wait(head.submit(["python", "recipes/unify_distill.py", *args]), timeout_s=1300)
@@ -26,6 +26,8 @@ def test_unify_distill_through_ray_job_submit(tmp_path):
     assert set(summary["domains"]) == {"terminal", "general"}
     history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     kl = [h["reverse_kl"] for h in history if "reverse_kl" in h]
-    assert len(kl) == 8
-    assert sum(kl[-3:]) / 3 < sum(kl[:3]) / 3, kl     # the student moves toward its teachers
+    assert len(kl) == 16
+    # The student moves toward its teachers. Over 8 updates at 2e-4 the fall (if any) was within the
+    # step-to-step noise of the domain mix (CI: 2.39 -> 2.41); over 16 at 1e-3 it was 2.4 -> 1.9.
+    assert sum(kl[-4:]) / 4 < sum(kl[:4]) / 4, kl
     assert "on-policy" in logs and (run_dir / "unify.png").exists()
