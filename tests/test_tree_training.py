@@ -254,3 +254,32 @@ def test_learner_group_step_with_tree_training_is_the_per_path_step(ray_session,
         path_tokens += sum(len(p) for p in paths)
         forward += sum(pack_paths([paths[b] for b in g]).num_tokens for g in tree_micro_batches(paths, 150))
     assert stats["dedup_ratio"] == pytest.approx(path_tokens / forward) and stats["dedup_ratio"] > 1.0
+
+
+def test_sft_fits_the_model_at_temperature_one():
+    """The learner computes RL and distillation log-probs at the rollout temperature (TEMPERATURE
+    here), but SFT's loss is the model's own NLL of the demonstrations, with or without Tree
+    Training (before the fix a warm start changed with `rollout.temperature`)."""
+    rng = np.random.default_rng(0)
+    tree = TrajectoryTree(rng.integers(0, VOCAB, 6))
+    for n in (9, 4):
+        turn = tree.add(0, rng.integers(0, VOCAB, n), np.zeros(n), np.ones(n), np.zeros(n, np.int64))
+        tree.add(turn, rng.integers(0, VOCAB, 3), np.zeros(3), np.zeros(3), np.full(3, NOT_SAMPLED))
+    paths = tree.paths()
+    m = model("llama", torch.float64)
+
+    def nll(temperature: float) -> float:
+        total = count = 0.0
+        with torch.no_grad():
+            for p in paths:
+                tokens = torch.as_tensor(p.tokens, dtype=torch.long)[None]
+                logprobs = (m(input_ids=tokens).logits[0, :-1] / temperature).log_softmax(-1)
+                picked = logprobs.gather(-1, tokens[0, 1:, None])[:, 0]
+                mask = torch.as_tensor(p.loss_mask[1:], dtype=torch.float64)
+                total, count = total - float((picked * mask).sum()), count + float(mask.sum())
+        return total / count
+
+    for tree_training in (False, True):
+        loss, _, _ = train(worker(tree_training, 1 << 20, LossConfig(), "llama"), paths, "sft")
+        assert loss == pytest.approx(nll(1.0), rel=1e-6), tree_training
+    assert abs(nll(1.0) - nll(TEMPERATURE)) > 1e-3   # the check can tell the two apart

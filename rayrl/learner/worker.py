@@ -130,9 +130,10 @@ class LearnerWorker:
         self.device = self.engine.device
 
     # -- training -------------------------------------------------------------------------
-    def _token_logprobs(self, batch: dict, topk: bool = False) -> torch.Tensor:
-        """[B, T-1]: position t holds the log-prob of token t+1 of path b. With `topk`,
-        [B, T-1, 1 + k]: that log-prob followed by those of the teacher's top-k tokens there."""
+    def _token_logprobs(self, batch: dict, topk: bool = False, temperature: float | None = None) -> torch.Tensor:
+        """[B, T-1]: position t holds the log-prob of token t+1 of path b, at `temperature` (by
+        default the rollout's). With `topk`, [B, T-1, 1 + k]: that log-prob followed by those of the
+        teacher's top-k tokens there."""
         if "tree" in batch:   # one forward over the unique tokens, gathered back per path
             from rayrl.models.tree_attention import packed_logits
             packed = batch["tree"]
@@ -146,7 +147,7 @@ class LearnerWorker:
             rows, labels = None, tokens[:, 1:]
         if topk:
             labels = torch.cat([labels.unsqueeze(-1), batch["topk_ids"].to(self.device)], dim=-1)
-        return gather_logprobs(logits, labels, self.temperature, rows=rows)
+        return gather_logprobs(logits, labels, self.temperature if temperature is None else temperature, rows=rows)
 
     def train_step(self, tree_refs: list, kind: str, lr: float, totals: dict, rl_weight: float = 0.0) -> dict:
         """One optimizer step on this rank's share of the batch.
@@ -246,8 +247,10 @@ class LearnerWorker:
 
     def _micro_loss(self, batch: dict, kind: str, totals: dict) -> tuple[torch.Tensor, dict]:
         topk = kind == "distill" and "topk_ids" in batch
+        # SFT fits the model itself (temperature 1): its NLL is the model's, and a warm start does
+        # not change with the rollout temperature. RL and distillation need the sampling policy's.
         with replay_routes(self.engine, batch.get("routes")):
-            logprobs = self._token_logprobs(batch, topk)
+            logprobs = self._token_logprobs(batch, topk, 1.0 if kind == "sft" else None)
         if topk:
             logprobs, student_topk = logprobs[..., 0], logprobs[..., 1:]
         mask = batch["loss_mask"].to(self.device)
