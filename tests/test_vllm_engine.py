@@ -368,7 +368,7 @@ async def test_an_episode_in_flight_continues_under_new_weights(request, shell_m
 def test_grpo_with_vllm_generators_raises_the_reward(ray_session, tmp_path):
     from rayrl.pipeline import run
     cfg = load(GRPOConfig, str(RECIPE_YAML), [
-        "rollout.engine=vllm", "task.eval_size=100", "trainer.sft.steps=200", "trainer.total_steps=40",
+        "rollout.engine=vllm", "task.eval_size=200", "trainer.sft.steps=400", "trainer.total_steps=40",
         "trainer.eval.every=0", "trainer.eval.initial=false", "replay.max_staleness=1",
         f"run.dir={tmp_path}", "run.progress=false"])
     summary = run(cfg)
@@ -382,5 +382,7 @@ def test_grpo_with_vllm_generators_raises_the_reward(ray_session, tmp_path):
           f"{summary['eval_after']:.3f}; on-policy mismatch KL in {len(measured)} steps: median "
           f"{np.median(measured):.1e}, max {max(measured):.1e}]")
     assert sum(s["reward_mean"] for s in last) > sum(s["reward_mean"] for s in first)
-    assert summary["eval_after"] >= summary["eval_before"] + 0.05, summary
+    # From a 200-update warm start (held-out 0.14) RL's gain swung 0.04-0.19 between runs (CI failed
+    # once at +0.05); from 400 updates (0.425) it was +0.205 to +0.34 in four runs.
+    assert summary["eval_after"] >= summary["eval_before"] + 0.10, summary
     assert measured and max(measured) < DEFAULT_MAX_KL
