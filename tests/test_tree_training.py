@@ -54,6 +54,13 @@ def model(family: str, dtype: torch.dtype = torch.float32):
     return m.train()
 
 
+def path_logprobs(m, tokens: np.ndarray, temperature: float) -> torch.Tensor:
+    """The reference: log-probs of tokens[1:] from one plain forward of the path, at `temperature`."""
+    ids = torch.as_tensor(tokens, dtype=torch.long)[None]
+    logits = m(input_ids=ids).logits[0, :-1] / temperature
+    return logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+
+
 @st.composite
 def batches(draw):
     """1-3 trees of multi-turn episodes: turns of sampled tokens followed by loss-masked
@@ -163,9 +170,7 @@ def test_packed_logprobs_equal_per_path_forward(family, paths, query_block):
         lps = {backend: packed_logprobs(m, packed, TEMPERATURE, backend, query_block)
                for backend in ("nodewise", "flex")}
         for p, idx in zip(paths, packed.path_index):
-            tokens = torch.as_tensor(p.tokens, dtype=torch.long)[None]
-            logits = m(input_ids=tokens).logits[0, :-1] / TEMPERATURE
-            ref = logits.log_softmax(-1).gather(-1, tokens[0, 1:, None])[:, 0]
+            ref = path_logprobs(m, p.tokens, TEMPERATURE)
             for backend, lp in lps.items():
                 assert torch.allclose(lp[idx[1:]], ref, rtol=0, atol=1e-5), backend
 
@@ -272,9 +277,7 @@ def test_sft_fits_the_model_at_temperature_one():
         total = count = 0.0
         with torch.no_grad():
             for p in paths:
-                tokens = torch.as_tensor(p.tokens, dtype=torch.long)[None]
-                logprobs = (m(input_ids=tokens).logits[0, :-1] / temperature).log_softmax(-1)
-                picked = logprobs.gather(-1, tokens[0, 1:, None])[:, 0]
+                picked = path_logprobs(m, p.tokens, temperature)
                 mask = torch.as_tensor(p.loss_mask[1:], dtype=torch.float64)
                 total, count = total - float((picked * mask).sum()), count + float(mask.sum())
         return total / count
