@@ -221,6 +221,8 @@ class SFTConfig:
 class EvalConfig:
     every: int = 0                    # evaluate every N RL steps (0 = only before and after)
     temperature: float = 0.0          # 0 = greedy
+    # Samples per held-out task, their rewards averaged (avg@k); > 1 needs temperature > 0
+    samples: int = 1
     initial: bool = True              # also evaluate the model before any training
 
 
@@ -343,7 +345,7 @@ _MINIMUM = {  # key: smallest allowed value
     "replay.max_staleness": 0, "replay.capacity": 1, "learner.num_workers": 1,
     "learner.micro_batch_tokens": 1, "trainer.total_steps": 0, "trainer.groups_per_step": 1,
     "trainer.sft.steps": 0, "trainer.sft.batch_size": 1, "trainer.sft.warmup_steps": 0,
-    "trainer.sft.final_lr_ratio": 0.0, "trainer.lr": 0.0, "task.eval_size": 1,
+    "trainer.sft.final_lr_ratio": 0.0, "trainer.lr": 0.0, "task.eval_size": 1, "trainer.eval.samples": 1,
     "rollout.max_turns": 1, "rollout.max_episode_tokens": 1, "distill.steps": 0, "distill.lr": 0.0,
     "distill.topk": 0, "distill.teacher_temperature": 0.0, "unify.base_sft_steps": 0,
     "replay.prompts": 0, "learner.loss.mcla.k": 0, "model.tiny.router_noise": 0.0, "srpo.eval_every": 0,
@@ -539,6 +541,10 @@ def validate(cfg) -> None:
         top_p = _get(cfg, "rollout.top_p")
         if not 0.0 < top_p <= 1.0:
             raise ConfigError(f"rollout.top_p={top_p!r} must be in (0, 1]")
+        samples, temperature = _get(cfg, "trainer.eval.samples"), _get(cfg, "trainer.eval.temperature")
+        if samples > 1 and temperature <= 0:
+            raise ConfigError(f"trainer.eval.samples={samples} needs trainer.eval.temperature > 0: greedy "
+                              "decoding gives the same sample every time")
         floor = _get(cfg, "replay.resampling_floor")
         if not 0.0 <= floor <= 1.0:
             raise ConfigError(f"replay.resampling_floor={floor!r} must be in [0, 1] (a share of each domain's prompts)")

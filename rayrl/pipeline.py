@@ -122,6 +122,20 @@ def sft_batches(generators: list, batch_size: int, steps: int, seed: int):
         yield batch
 
 
+def evaluate_domains(gens: list, tasks: list[dict], eval_cfg) -> dict[str, float]:
+    """Held-out score per domain: the mean reward of `eval_cfg.samples` samples per task, spread
+    over the generators (episodes the infrastructure failed under are left out)."""
+    tasks = [t for t in tasks for _ in range(eval_cfg.samples)]
+    shards = [tasks[i::len(gens)] for i in range(len(gens))]
+    scores = ray.get([g.evaluate.remote(s, eval_cfg.temperature) for g, s in zip(gens, shards)])
+    by_domain: dict[str, list[float]] = {}
+    for shard, values in zip(shards, scores):
+        for task, value in zip(shard, values):
+            if value is not None:
+                by_domain.setdefault(task["domain"], []).append(value)
+    return {d: float(np.mean(v)) for d, v in sorted(by_domain.items())}
+
+
 class Trainer:
     def __init__(self, cfg, roles: Roles, model_path: str):
         self.cfg, self.roles, self.model_path = cfg, roles, model_path
@@ -142,16 +156,7 @@ class Trainer:
         ray.get(self.roles.buffer.set_version.remote(self.version))
 
     def evaluate_domains(self) -> dict[str, float]:
-        """Held-out score per domain (episodes the infrastructure failed under are left out)."""
-        gens = self.roles.generators
-        shards = [self.eval_tasks[i::len(gens)] for i in range(len(gens))]
-        scores = ray.get([g.evaluate.remote(s, self.cfg.trainer.eval.temperature) for g, s in zip(gens, shards)])
-        by_domain: dict[str, list[float]] = {}
-        for shard, values in zip(shards, scores):
-            for task, value in zip(shard, values):
-                if value is not None:
-                    by_domain.setdefault(task["domain"], []).append(value)
-        return {d: float(np.mean(v)) for d, v in sorted(by_domain.items())}
+        return evaluate_domains(self.roles.generators, self.eval_tasks, self.cfg.trainer.eval)
 
     def evaluate(self) -> float:
         """Mean held-out score over the domains."""

@@ -27,7 +27,7 @@ import ray
 from rayrl.config import expand
 from rayrl.metrics import MetricsLogger
 from rayrl.models import resolve_model_path
-from rayrl.pipeline import Trainer, role_options, run, spawn, start_run
+from rayrl.pipeline import Trainer, evaluate_domains, role_options, run, spawn, start_run
 from rayrl.rollout.generator import RolloutGenerator
 from rayrl.rollout.teacher import Teacher
 
@@ -60,8 +60,21 @@ def reused_expert(cfg, domain: str, reuse_dir: str | None) -> dict | None:
         if os.path.isfile(os.path.join(path, "config.json")):
             summary = os.path.join(expert_dir, "summary.json")
             score = json.load(open(summary)).get("eval_after") if os.path.isfile(summary) else None
-            return {"path": path, "eval": score}
+            return {"path": path, "eval": score if same_evaluation(cfg, expert_dir) else None}
     return None
+
+
+def same_evaluation(cfg, run_dir: str) -> bool:
+    """Whether the run in run_dir scored its held-out tasks as cfg would (same tasks, same decoding);
+    a score measured otherwise is not comparable and is measured again."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return False
+    saved = json.load(open(path))
+    ev = saved.get("trainer", {}).get("eval", {})
+    return (saved.get("task", {}).get("eval_size") == cfg.task.eval_size
+            and ev.get("temperature", 0.0) == cfg.trainer.eval.temperature
+            and ev.get("samples", 1) == cfg.trainer.eval.samples)
 
 
 def train_base(cfg, run_dir: str, reuse_dir: str | None, log: MetricsLogger) -> str:
@@ -124,8 +137,8 @@ def evaluate_experts(cfg, experts: dict[str, dict], base: str) -> None:
             gen = ray.remote(RolloutGenerator).options(**options).remote(
                 expert["path"], sub.rollout, sub.task, sub.run.seed, sub.run.torch_threads)
             tasks = ray.get(gen.eval_tasks.remote(sub.task.eval_size))
-            scores = [s for s in ray.get(gen.evaluate.remote(tasks, sub.trainer.eval.temperature)) if s is not None]
-            expert["eval"] = float(np.mean(scores))
+            expert["eval"] = evaluate_domains([gen], tasks, sub.trainer.eval)[domain]
+            print(f"expert {domain}: held-out {expert['eval']:.3f}", flush=True)
             ray.kill(gen)
 
 

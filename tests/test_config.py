@@ -28,11 +28,19 @@ def test_overrides_are_typed_and_merged_over_yaml():
     ("rollout.top_p=1.5", "rollout.top_p"),
     ("replay.resampling_floor=2", "replay.resampling_floor"),
     ("learner.zero_stage=4", "learner.zero_stage"),
+    ("trainer.eval.samples=0", "trainer.eval.samples"),
 ])
 def test_bad_keys_and_values_name_the_key(arg, key):
     with pytest.raises(ConfigError) as err:
         load(GRPOConfig, str(RECIPE_YAML), [arg])
     assert key in str(err.value)
+
+
+def test_several_eval_samples_need_sampling():
+    with pytest.raises(ConfigError, match="trainer.eval.temperature > 0"):
+        load(GRPOConfig, str(RECIPE_YAML), ["trainer.eval.samples=4", "trainer.eval.temperature=0"])
+    cfg = load(GRPOConfig, str(RECIPE_YAML), ["trainer.eval.samples=4", "trainer.eval.temperature=1.0"])
+    assert cfg.trainer.eval.samples == 4
 
 
 def test_argument_without_equals_is_rejected():

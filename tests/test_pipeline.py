@@ -44,3 +44,25 @@ def test_a_run_directory_with_an_earlier_run_is_moved_aside(tmp_path):
     assert len(moved) == 1 and (moved[0] / "metrics.jsonl").read_text() == '{"step": 1}\n'
     archive_previous_run(str(tmp_path / "fresh"))   # nothing there: nothing happens
     assert not (tmp_path / "fresh").exists()
+
+
+class ScriptedGenerator:
+    """Rewards in call order from a script, None where the infrastructure failed."""
+
+    def __init__(self, rewards):
+        self.rewards = list(rewards)
+
+    def evaluate(self, tasks, temperature):
+        assert temperature == 1.0
+        return [self.rewards.pop(0) for _ in tasks]
+
+
+def test_held_out_score_averages_several_samples_per_task(ray_session):
+    from rayrl.config import EvalConfig
+    from rayrl.pipeline import evaluate_domains
+
+    tasks = [{"domain": "swe", "id": 1}, {"domain": "general", "id": 2}]
+    # Two samples per task over two generators: each gets one sample of each task.
+    gens = [ray_session.remote(ScriptedGenerator).remote(rewards) for rewards in ([1.0, 0.0], [0.0, None])]
+    scores = evaluate_domains(gens, tasks, EvalConfig(temperature=1.0, samples=2))
+    assert scores == {"general": 0.0, "swe": 0.5}

@@ -31,3 +31,20 @@ def test_unify_distill_through_ray_job_submit(tmp_path):
     # step-to-step noise of the domain mix (CI: 2.39 -> 2.41); over 16 at 1e-3 it was 2.4 -> 1.9.
     assert sum(kl[-4:]) / 4 < sum(kl[:4]) / 4, kl
     assert "on-policy" in logs and (run_dir / "unify.png").exists()
+
+
+def test_a_reused_experts_score_counts_only_if_measured_the_same_way(tmp_path):
+    from rayrl.config import UnifyConfig, load
+    from rayrl.unify import reused_expert
+
+    expert_dir = tmp_path / "experts" / "terminal"
+    (expert_dir / "checkpoints" / "final").mkdir(parents=True)
+    (expert_dir / "checkpoints" / "final" / "config.json").write_text("{}")
+    (expert_dir / "summary.json").write_text(json.dumps({"eval_after": 0.4}))
+    (expert_dir / "config.json").write_text(json.dumps(
+        {"task": {"eval_size": 40}, "trainer": {"eval": {"temperature": 0.0, "samples": 1}}}))
+    same = load(UnifyConfig, None, ["task.eval_size=40"])
+    assert reused_expert(same, "terminal", str(tmp_path))["eval"] == 0.4
+    for other in (["task.eval_size=20"], ["trainer.eval.temperature=1.0", "trainer.eval.samples=4"]):
+        found = reused_expert(load(UnifyConfig, None, other), "terminal", str(tmp_path))
+        assert found["path"].endswith("final") and found["eval"] is None   # measured again

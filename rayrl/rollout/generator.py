@@ -358,7 +358,15 @@ class RolloutGenerator:
         params = replace(self.params, temperature=temperature)
         tasks = [Task(**t) for t in tasks]
         if self.cfg.scaffold != "none":
-            results = await asyncio.gather(*(self._episode(t, params) for t in tasks))
+            # The engine never batches more than max_batch sequences, so more episodes at once
+            # would only queue on the sandbox pools (bounded: past the bound they fail).
+            slots = asyncio.Semaphore(self.cfg.max_batch)
+
+            async def episode(task: Task):
+                async with slots:
+                    return await self._episode(task, params)
+
+            results = await asyncio.gather(*(episode(t) for t in tasks))
             return [None if reward is None else float(reward) for _, reward, _ in results]
         outs = await asyncio.gather(*(self.batcher.generate(self.prompt_tokens(t), params) for t in tasks))
         verdicts = await asyncio.gather(*(self.env.verify(t, self.tokenizer.decode(o.tokens.tolist(),
