@@ -101,15 +101,20 @@ class RolloutConfig:
     engine: str = "torch"
     vllm_dtype: str = "bfloat16"      # the vLLM engine's weights and activations
     # Weight-sync check: the largest mean KL (k3) between the engines' and the learner's log-probs
-    # of the tokens sampled by the version the learner holds; above it the step fails
+    # of the tokens sampled by the version the learner holds; above it the run fails
     # (WeightSyncError) instead of training on samples of weights the learner never published.
     # 0 = off. Measured on tiny models: bf16 vLLM against the fp32 learner 1e-4 (trained, or weights
     # of std 0.1) to 1.5e-3 (std 0.2); MoE with router noise 1 and no routing replay 1e-3. One skipped
     # Adam step: 3e-1 at lr 5e-4 (trained), 1.5e-2 at lr 2e-3 and 4e-3 at lr 1e-3 (std 0.1): smaller
     # updates go unseen here (the driver's version check still catches updates that never arrive).
-    # Raise it for MoE models with noisy routing. 2e-2: one step of the GRPO test with bf16 vLLM
-    # measured 8e-3 (a sharp model, 110 on-policy tokens), which 5e-3 refused.
+    # Raise it for MoE models with noisy routing.
     max_mismatch_kl: float = 2e-2
+    # The check pools consecutive steps until they hold this many on-policy tokens (1: every step
+    # alone). bf16 error is heavy-tailed: on the GRPO recipe's trained model one token in ~20000 is
+    # off by 2-3 nats, so windows of 52 tokens exceeded 2e-2 0.4% of the time (CI failed once at
+    # 3.7e-2), those of 1000 never (at most 4e-3 in 36000 tokens), while one skipped Adam step of
+    # lr 2e-4 gave at least 3.7e-2 on every window of 1000 (lr 5e-4: 0.17).
+    mismatch_check_tokens: int = 1000
     num_generators: int = 1
     group_size: int = 8
     max_new_tokens: int = 8           # per model turn
@@ -342,6 +347,7 @@ _CHOICES = {
 _MINIMUM = {  # key: smallest allowed value
     "rollout.num_generators": 1, "rollout.group_size": 1, "rollout.max_new_tokens": 1,
     "rollout.temperature": 0.0, "rollout.max_batch": 1, "reward.num_graders": 1, "rollout.max_mismatch_kl": 0.0,
+    "rollout.mismatch_check_tokens": 1,
     "replay.max_staleness": 0, "replay.capacity": 1, "learner.num_workers": 1,
     "learner.micro_batch_tokens": 1, "trainer.total_steps": 0, "trainer.groups_per_step": 1,
     "trainer.sft.steps": 0, "trainer.sft.batch_size": 1, "trainer.sft.warmup_steps": 0,

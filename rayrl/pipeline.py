@@ -217,8 +217,9 @@ class Trainer:
             tick = time.perf_counter()
             batch = self.next_batch(runs)                  # fresh groups, each handed out once
             got = time.perf_counter()
-            stats = roles.learner.train_step(batch, kind, lr, rl_weight, version=self.version,
-                                             max_mismatch_kl=cfg.rollout.max_mismatch_kl)   # weight-sync check
+            stats = roles.learner.train_step(batch, kind, lr, rl_weight, version=self.version,   # weight-sync check
+                                             max_mismatch_kl=cfg.rollout.max_mismatch_kl,
+                                             mismatch_check_tokens=cfg.rollout.mismatch_check_tokens)
             learned = time.perf_counter()
             self.version += 1
             self.publish()                                 # generators swap it in between episodes

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rayrl.algo.mismatch import WeightSyncError, check_mismatch, check_served_versions, onpolicy_mismatch_sums
+from rayrl.algo.mismatch import (MismatchWindow, WeightSyncError, check_mismatch, check_served_versions,
+                                 onpolicy_mismatch_sums)
 from rayrl.config import ConfigError, GRPOConfig, TinyModelConfig, load
 from rayrl.models import ensure_tiny_model, state_dict_numpy
 from rayrl.tree import NOT_SAMPLED
@@ -50,6 +51,40 @@ def test_check_mismatch_names_the_version_the_value_and_the_key():
         check_mismatch(float("nan"), 10.0, 7, 1e-3)
 
 
+def k3_sum(log_r: np.ndarray) -> float:
+    return float(np.sum(np.exp(log_r) - 1 - log_r))
+
+
+def test_the_window_pools_small_steps_so_one_bf16_outlier_does_not_stop_the_run():
+    """Steps of 50 on-policy tokens with bf16-like noise (|log r| ~ 1e-3), one of them holding a
+    token off by 3 nats (k3 17: alone, that step's mean is 0.34): pooled over 1000 tokens the mean
+    stays far below the limit. The same steps with every token shifted (a skipped update) fail,
+    naming the versions the window spans."""
+    rng = np.random.default_rng(0)
+    steps = [rng.normal(0, 1e-3, 50) for _ in range(40)]
+    steps[7][13] = 3.0
+    assert k3_sum(steps[7]) / 50 > 0.3 > 2e-2
+    window, checked = MismatchWindow(), []
+    for version, log_r in enumerate(steps, start=1):
+        kl = window.add(k3_sum(log_r), len(log_r), version, 2e-2, 1000)
+        if kl is not None:
+            checked.append((version, kl))
+    assert [v for v, _ in checked] == [20, 40]   # every 20 steps of 50 tokens
+    assert checked[0][1] == pytest.approx(sum(k3_sum(x) for x in steps[:20]) / 1000) and checked[0][1] < 2e-2
+    assert window.add(0.0, 0.0, 41, 2e-2, 1000) is None and window.tokens == 0   # no on-policy tokens: nothing
+    # One step checked alone (min_tokens=1) fails on the outlier.
+    with pytest.raises(WeightSyncError, match=r"at version 8: .* 50 tokens .* is 0\.3"):
+        MismatchWindow().add(k3_sum(steps[7]), 50, 8, 2e-2, 1)
+    # A skipped update moves every token (here by 0.3 nats, k3 0.05; with the outlier 0.073): the
+    # window fails at its 1000th token.
+    window = MismatchWindow()
+    for version, log_r in enumerate(steps[:19], start=5):
+        assert window.add(k3_sum(log_r + 0.3), 50, version, 2e-2, 1000) is None
+    with pytest.raises(WeightSyncError, match=r"at versions 5-24: .* 1000 tokens .* is 0\.0726 >"):
+        window.add(k3_sum(steps[19] + 0.3), 50, 24, 2e-2, 1000)
+    assert window.tokens == 0   # checked, so a new window starts
+
+
 def test_served_versions_must_all_be_the_published_one():
     check_served_versions([5, 5], 5)
     with pytest.raises(WeightSyncError, match="version 5 were published, but generator 1 serves version 4"):
@@ -58,7 +93,8 @@ def test_served_versions_must_all_be_the_published_one():
 
 @pytest.mark.parametrize("args, key", [(["rollout.engine=sglang"], "rollout.engine"),
                                        (["rollout.vllm_dtype=int8"], "rollout.vllm_dtype"),
-                                       (["rollout.max_mismatch_kl=-1"], "rollout.max_mismatch_kl")])
+                                       (["rollout.max_mismatch_kl=-1"], "rollout.max_mismatch_kl"),
+                                       (["rollout.mismatch_check_tokens=0"], "rollout.mismatch_check_tokens")])
 def test_engine_settings_are_checked(args, key):
     with pytest.raises(ConfigError, match=key):
         load(GRPOConfig, None, args)

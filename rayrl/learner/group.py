@@ -41,17 +41,20 @@ class LearnerGroup:
         ray.get([w.setup.remote(addr, port, lr) for w in self.workers])
 
     def train_step(self, batch: list[tuple[dict, ray.ObjectRef]], kind: str, lr: float, rl_weight: float = 0.0,
-                   version: int | None = None, max_mismatch_kl: float = 0.0) -> dict:
+                   version: int | None = None, max_mismatch_kl: float = 0.0, mismatch_check_tokens: int = 1) -> dict:
         """One synchronous update on `batch` = [(group meta, tree ref)]; returns batch-level stats.
         kind: sft | rl | distill (see LearnerWorker.train_step). `version`: the version the learner
         holds (rl, distill): the weight-sync check compares the engines' log-probs of the tokens
-        that version sampled with the learner's, logs `mismatch_kl_onpolicy` and raises
-        WeightSyncError (before the update) above `max_mismatch_kl` (0: no limit)."""
+        that version sampled with the learner's and logs `mismatch_kl_onpolicy`; once the steps
+        since its last check hold `mismatch_check_tokens` such tokens, it checks their pooled KL
+        (`mismatch_kl_checked`) and raises WeightSyncError (before the update) above
+        `max_mismatch_kl` (0: no limit)."""
         metas = [m for m, _ in batch]
         totals = {"loss_tokens": sum(m["loss_tokens"] for m in metas),
                   "num_paths": sum(m["num_paths"] - m["infra_failures"] for m in metas),
                   "reverse_kl": domain_reverse_kl(metas),   # the distillation baseline, per domain
-                  "version": version, "max_mismatch_kl": max_mismatch_kl}
+                  "version": version, "max_mismatch_kl": max_mismatch_kl,
+                  "mismatch_check_tokens": mismatch_check_tokens}
         shares = split_balanced(metas, len(self.workers))
         results = ray.get([w.train_step.remote([batch[i][1] for i in share], kind, lr, totals, rl_weight)
                            for w, share in zip(self.workers, shares)])
@@ -64,6 +67,8 @@ class LearnerGroup:
         stats.update({k: v for k, v in merged.items() if k.endswith("_max")})
         stats["loss"] = merged.get("loss", 0.0)
         stats["grad_norm"] = results[0]["grad_norm"]
+        if "mismatch_kl_checked" in results[0]:   # the same on every rank
+            stats["mismatch_kl_checked"] = results[0]["mismatch_kl_checked"]
         stats["loss_tokens"] = tokens
         # Path tokens per token the forward passes ran on: > 1 when tree training merges shared prefixes.
         stats["dedup_ratio"] = merged.get("path_tokens", 0.0) / max(merged.get("forward_tokens", 0.0), 1.0)

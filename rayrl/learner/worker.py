@@ -13,7 +13,7 @@ from rayrl.algo.distill import distill_advantages
 from rayrl.algo.logprobs import gather_logprobs
 from rayrl.algo.losses import aggregate, policy_token_loss, sft_token_loss, topk_distill_token_loss
 from rayrl.algo.mcla import average_passes, mcla_passes
-from rayrl.algo.mismatch import check_mismatch, onpolicy_mismatch_sums
+from rayrl.algo.mismatch import MismatchWindow, onpolicy_mismatch_sums
 from rayrl.algo.tree_pack import pack_paths, tree_micro_batches
 from rayrl.models.moe import forward_plan, replay_routes, routing
 from rayrl.tree import NOT_SAMPLED, Path, TrajectoryTree
@@ -98,6 +98,7 @@ class LearnerWorker:
         self.temperature = temperature if temperature > 0 else 1.0
         self.seed = seed
         self.engine = None
+        self.mismatch = MismatchWindow()   # the weight-sync check's pooled tokens, alike on every rank
 
     def address(self) -> tuple[str, int]:
         import ray
@@ -185,21 +186,27 @@ class LearnerWorker:
             self.engine.backward(loss * self.world_size)
             for k, v in stats.items():
                 sums[k] = max(sums.get(k, v), v) if k.endswith("_max") else sums.get(k, 0.0) + v
+        checked = None
         if kind != "sft" and totals.get("version") is not None:
-            self._check_weight_sync(sums, totals)
+            checked = self._check_weight_sync(sums, totals)
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
         sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        if checked is not None:
+            sums["mismatch_kl_checked"] = checked
         return sums
 
-    def _check_weight_sync(self, sums: dict, totals: dict) -> None:
+    def _check_weight_sync(self, sums: dict, totals: dict) -> float | None:
         """Before the optimizer step, on every rank alike: the on-policy mismatch KL of the whole
-        batch (rayrl.algo.mismatch), so that a batch the engines sampled with other weights than
-        the ones they claim is never trained on. WeightSyncError over `max_mismatch_kl`."""
+        batch (rayrl.algo.mismatch), pooled with the previous steps' until the window holds
+        `mismatch_check_tokens` tokens, so that batches the engines sampled with other weights than
+        the ones they claim are not trained on. WeightSyncError over `max_mismatch_kl`; the
+        pooled KL when the window was checked."""
         both = torch.tensor([sums.get("onpolicy_kl_total", 0.0), sums.get("onpolicy_tokens", 0.0)],
                             dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(both)
-        check_mismatch(float(both[0]), float(both[1]), totals["version"], totals.get("max_mismatch_kl", 0.0))
+        return self.mismatch.add(float(both[0]), float(both[1]), totals["version"],
+                                 totals.get("max_mismatch_kl", 0.0), totals.get("mismatch_check_tokens", 1))
 
     def _micro_batches(self, paths: list[Path]) -> list[list[Path]]:
         """Tree training: micro-batches of whole paths whose packed tries fit the token budget;
