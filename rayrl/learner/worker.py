@@ -199,9 +199,9 @@ class LearnerWorker:
     def _check_weight_sync(self, sums: dict, totals: dict) -> float | None:
         """Before the optimizer step, on every rank alike: the on-policy mismatch KL of the whole
         batch (rayrl.algo.mismatch), pooled with the previous steps' until the window holds
-        `mismatch_check_tokens` tokens, so that batches the engines sampled with other weights than
-        the ones they claim are not trained on. WeightSyncError over `max_mismatch_kl`; the
-        pooled KL when the window was checked."""
+        `mismatch_check_tokens` tokens, so that a run whose engines sample with other weights than
+        the ones they claim stops, before the update of the step that fills the window.
+        WeightSyncError over `max_mismatch_kl`; the pooled KL when the window was checked."""
         both = torch.tensor([sums.get("onpolicy_kl_total", 0.0), sums.get("onpolicy_tokens", 0.0)],
                             dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(both)
