@@ -93,12 +93,12 @@ class VLLMEngine(Engine):
         from vllm import LLM
 
         # No torch.compile warm-up on CPU; `llm_kwargs` go to vllm.LLM as they are (e.g. block_size).
-        options = {"enforce_eager": not torch.cuda.is_available(), **llm_kwargs}
+        cpu = not torch.cuda.is_available()
+        options = {"enforce_eager": cpu, **llm_kwargs}
         # The CPU build cannot rewind a seeded request's generator when its prompt is split over
         # engine steps (chunked prefill fails with "CPU Generator does not use offset"): there a
         # step holds any whole prompt, and seeded batches go in calls that fit one step (generate).
-        self.seeded_step_tokens = None
-        if not torch.cuda.is_available():
+        if cpu:
             longest = options.get("max_model_len") or _max_positions(path)
             options.setdefault("max_num_batched_tokens", max(4096, longest or 0))
         # Every vLLM call runs on this one thread, the one that built the engine: the CPU build's
@@ -113,8 +113,8 @@ class VLLMEngine(Engine):
         # (The CPU worker also turns torch.set_num_threads into a no-op for the whole process: its
         # attention kernels fail if the thread count changes after they were set up.)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
-        if not torch.cuda.is_available():
-            self.seeded_step_tokens = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        self.seeded_step_tokens = (self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+                                   if cpu else None)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self.version = self.served_version()
 
