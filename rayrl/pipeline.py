@@ -122,17 +122,28 @@ def sft_batches(generators: list, batch_size: int, steps: int, seed: int):
         yield batch
 
 
+class EvaluationError(RuntimeError):
+    """A domain has no held-out score: the infrastructure failed under every one of its episodes."""
+
+
 def evaluate_domains(gens: list, tasks: list[dict], eval_cfg) -> dict[str, float]:
     """Held-out score per domain: the mean reward of `eval_cfg.samples` samples per task, spread
-    over the generators (episodes the infrastructure failed under are left out)."""
+    over the generators. Episodes the infrastructure failed under are left out; a domain left
+    with none raises EvaluationError (a score from nothing would bias every mean it enters)."""
     tasks = [t for t in tasks for _ in range(eval_cfg.samples)]
     shards = [tasks[i::len(gens)] for i in range(len(gens))]
     scores = ray.get([g.evaluate.remote(s, eval_cfg.temperature) for g, s in zip(gens, shards)])
     by_domain: dict[str, list[float]] = {}
+    failures: dict[str, list[str]] = {}
     for shard, values in zip(shards, scores):
         for task, value in zip(shard, values):
-            if value is not None:
-                by_domain.setdefault(task["domain"], []).append(value)
+            target = failures if isinstance(value, str) else by_domain
+            target.setdefault(task["domain"], []).append(value)
+    unscored = sorted(set(failures) - set(by_domain))
+    if unscored:
+        raise EvaluationError("; ".join(
+            f"the infrastructure failed under all {len(failures[d])} held-out episodes of domain {d} "
+            f"(first: {failures[d][0]})" for d in unscored))
     return {d: float(np.mean(v)) for d, v in sorted(by_domain.items())}
 
 
@@ -418,8 +429,8 @@ def run(cfg) -> dict:
         with tqdm(total=cfg.trainer.total_steps, initial=trainer.step, desc="grpo",
                   disable=not cfg.run.progress) as progress:
             history += trainer.train_rl(log, progress, start=trainer.step)
+        checkpoint = trainer.checkpoint("final")   # before the evaluation, which may fail
         eval_after = trainer.evaluate()
-        checkpoint = trainer.checkpoint("final")
     finally:
         roles.shutdown()
         log.close()

@@ -196,9 +196,9 @@ def unify(cfg) -> dict:
         with tqdm(total=cfg.distill.steps, desc="on-policy distillation", disable=not cfg.run.progress) as bar:
             history = trainer.train_rl(log, bar, steps=cfg.distill.steps, lr=cfg.distill.lr, teachers=teachers,
                                        rl_weight=cfg.distill.rl_weight)
+        student = trainer.checkpoint("student_final")   # before the evaluation, which may fail
         after = trainer.evaluate_domains()
         print(f"student after on-policy distillation, held-out: {format_scores(after)}", flush=True)
-        student = trainer.checkpoint("student_final")
     finally:
         roles.shutdown()
         for t in teachers.values():

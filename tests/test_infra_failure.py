@@ -107,3 +107,24 @@ async def test_episode_infra_failure_is_marked_by_the_generator(monkeypatch):
     assert flags.count(True) == 1 and summarize(tree)["infra_failures"] == 1
     assert gen.stats()["infra_failures"] == 1
     gen._serve_task.cancel()
+
+
+async def test_held_out_evaluation_returns_why_an_episode_failed(monkeypatch):
+    """A failed held-out agent episode comes back as its reason, not as a score (evaluate_domains
+    leaves it out and names it when a whole domain has no score left)."""
+    import rayrl.rollout.generator as generator
+    from rayrl.sandbox.base import SandboxInfraError
+    cfg = GRPOConfig()
+    cfg.rollout.scaffold = "xml"
+    gen = generator.RolloutGenerator(resolve_model_path(cfg.model), cfg.rollout, cfg.task)
+    tasks = [vars(t) for t in (gen.env._task(1, "+", 1), gen.env._task(2, "+", 2))]
+
+    async def play_task(env, task, *args):
+        if task.id == tasks[1]["id"]:
+            raise SandboxInfraError("sandbox pool closed")
+        return None, 0.5, {}
+
+    monkeypatch.setattr(generator, "play_task", play_task)
+    assert await gen.evaluate(tasks) == [0.5, "sandbox pool closed"]
+    assert gen.stats()["infra_failures"] == 1
+    gen._serve_task.cancel()

@@ -65,6 +65,18 @@ def test_held_out_score_averages_several_samples_per_task(ray_session):
 
     tasks = [{"domain": "swe", "id": 1}, {"domain": "general", "id": 2}]
     # Two samples per task over two generators: each gets one sample of each task.
-    gens = [ray_session.remote(ScriptedGenerator).remote(rewards) for rewards in ([1.0, 0.0], [0.0, None])]
+    gens = [ray_session.remote(ScriptedGenerator).remote(rewards)
+            for rewards in ([1.0, 0.0], [0.0, "sandbox pool closed"])]   # a str: the infrastructure failed
     scores = evaluate_domains(gens, tasks, EvalConfig(temperature=1.0, samples=2))
     assert scores == {"general": 0.0, "swe": 0.5}
+
+
+def test_a_domain_whose_every_held_out_episode_failed_is_an_error_that_names_it(ray_session):
+    from rayrl.config import EvalConfig
+    from rayrl.pipeline import EvaluationError, evaluate_domains
+
+    tasks = [{"domain": "swe", "id": 1}, {"domain": "terminal", "id": 2}]
+    gens = [ray_session.remote(ScriptedGenerator).remote(rewards)
+            for rewards in ([1.0, "docker: no such image"], [0.0, "docker: no such image"])]
+    with pytest.raises(EvaluationError, match=r"all 2 held-out episodes of domain terminal .*no such image"):
+        evaluate_domains(gens, tasks, EvalConfig(temperature=1.0, samples=2))

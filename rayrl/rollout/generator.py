@@ -349,9 +349,9 @@ class RolloutGenerator:
         """The held-out tasks (n per domain), as dicts for `evaluate`."""
         return [vars(t) for t in self.env.eval_tasks(n)]
 
-    async def evaluate(self, tasks: list[dict], temperature: float = 0.0) -> list[float | None]:
-        """Reward of one sample per task (greedy by default) under the current weights; None
-        where the infrastructure failed under the episode."""
+    async def evaluate(self, tasks: list[dict], temperature: float = 0.0) -> list[float | str]:
+        """Reward of one sample per task (greedy by default) under the current weights; where the
+        infrastructure failed under the episode, why (a str)."""
         self._ensure_serving()
         if self.batcher.pending_weights is not None:
             await self.batcher.apply_weights()
@@ -367,7 +367,7 @@ class RolloutGenerator:
                     return await self._episode(task, params)
 
             results = await asyncio.gather(*(episode(t) for t in tasks))
-            return [None if reward is None else float(reward) for _, reward, _ in results]
+            return [info["infra_error"] if reward is None else float(reward) for _, reward, info in results]
         outs = await asyncio.gather(*(self.batcher.generate(self.prompt_tokens(t), params) for t in tasks))
         verdicts = await asyncio.gather(*(self.env.verify(t, self.tokenizer.decode(o.tokens.tolist(),
                                                                                    skip_special_tokens=True))
