@@ -20,6 +20,7 @@ SETTINGS = ["task.max_operand=9", "task.eval_size=16", "trainer.eval.initial=fal
             "trainer.sft.steps=30", "trainer.sft.batch_size=32", "trainer.groups_per_step=4", "rollout.group_size=4",
             "replay.max_staleness=0", "rollout.num_generators=1", "run.deterministic=true",
             "learner.num_workers=2", "learner.zero_stage=2", "run.progress=false",
+            "rollout.mismatch_check_tokens=100000",   # the weight-sync check's window spans the stop
             f"trainer.total_steps={K + 1}", f"trainer.ckpt_every={K}"]
 
 
@@ -63,10 +64,12 @@ def test_a_resumed_run_ends_the_next_step_with_exactly_the_parameters_of_an_unst
     # The same groups were trained on, and the metrics read as one run: steps 1 .. K + 1 once each.
     logged = rl_records(stopped)
     assert [r["step"] for r in logged] == list(range(1, K + 2))
-    for key in ("reward_mean", "samples", "learner/loss", "learner/grad_norm", "buffer/received"):
+    for key in ("reward_mean", "samples", "learner/loss", "learner/grad_norm", "buffer/received",
+                "learner/mismatch_window_tokens"):   # the window resumed with steps 1 .. K's tokens
         assert logged[K][key] == rl_records(whole)[K][key], key
     assert len(open(stopped / "metrics.lost.jsonl").readlines()) == 1   # step K + 1 as first logged
     assert summary["steps"] == K + 1 and summary["reward_first"] == logged[0]["reward_mean"]
+    assert logged[K]["learner/mismatch_window_tokens"] > logged[K]["learner/onpolicy_tokens"] > 0
 
 
 def test_a_bad_resume_is_refused_before_anything_starts(tmp_path):

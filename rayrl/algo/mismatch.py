@@ -56,7 +56,7 @@ def check_mismatch(kl_sum: float, tokens: float, version: int, threshold: float,
 class MismatchWindow:
     """Pools the on-policy mismatch of consecutive steps until it holds `min_tokens` tokens, then
     checks their mean (check_mismatch) and starts afresh. A step with that many tokens is checked
-    alone; min_tokens=1 checks every step. Not checkpointed: after a resume it starts empty."""
+    alone; min_tokens=1 checks every step. Its attributes are saved with the learner's checkpoint."""
 
     def __init__(self) -> None:
         self.kl_sum, self.tokens, self.first_version = 0.0, 0.0, None

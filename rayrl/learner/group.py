@@ -48,7 +48,7 @@ class LearnerGroup:
         that version sampled with the learner's and logs `mismatch_kl_onpolicy`; once the steps
         since its last check hold `mismatch_check_tokens` such tokens, it checks their pooled KL
         (`mismatch_kl_checked`) and raises WeightSyncError (before the update) above
-        `max_mismatch_kl` (0: no limit)."""
+        `max_mismatch_kl` (0: no limit); `mismatch_window_tokens` is what it pools after the step."""
         metas = [m for m, _ in batch]
         totals = {"loss_tokens": sum(m["loss_tokens"] for m in metas),
                   "num_paths": sum(m["num_paths"] - m["infra_failures"] for m in metas),
@@ -67,8 +67,9 @@ class LearnerGroup:
         stats.update({k: v for k, v in merged.items() if k.endswith("_max")})
         stats["loss"] = merged.get("loss", 0.0)
         stats["grad_norm"] = results[0]["grad_norm"]
-        if "mismatch_kl_checked" in results[0]:   # the same on every rank
-            stats["mismatch_kl_checked"] = results[0]["mismatch_kl_checked"]
+        for key in ("mismatch_kl_checked", "mismatch_window_tokens"):   # the same on every rank
+            if key in results[0]:
+                stats[key] = results[0][key]
         stats["loss_tokens"] = tokens
         # Path tokens per token the forward passes ran on: > 1 when tree training merges shared prefixes.
         stats["dedup_ratio"] = merged.get("path_tokens", 0.0) / max(merged.get("forward_tokens", 0.0), 1.0)

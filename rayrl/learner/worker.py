@@ -198,6 +198,8 @@ class LearnerWorker:
         sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         if checked is not None:
             sums["mismatch_kl_checked"] = checked
+        if kind != "sft" and totals.get("version") is not None:
+            sums["mismatch_window_tokens"] = self.mismatch.tokens   # pooled, not yet checked
         return sums
 
     def _check_weight_sync(self, sums: dict, totals: dict) -> float | None:
@@ -322,7 +324,8 @@ class LearnerWorker:
         with self._full_parameters():
             if self.rank == 0:
                 self.engine.module.save_pretrained(path)
-        self.engine.save_checkpoint(os.path.join(path, "deepspeed"))
+        self.engine.save_checkpoint(os.path.join(path, "deepspeed"),
+                                    client_state={"mismatch_window": vars(self.mismatch)})
         torch.save(rng_states(), self._rng_path(path))
 
     def _rng_path(self, path: str) -> str:
@@ -330,10 +333,11 @@ class LearnerWorker:
 
     def load_state(self, path: str) -> None:
         """Continue from a checkpoint `save` wrote with the same number of ranks: weights, this
-        rank's optimizer partition and RNG states."""
+        rank's optimizer partition and RNG states, and the weight-sync check's pooled tokens."""
         directory = os.path.join(path, "deepspeed")
-        loaded, _ = self.engine.load_checkpoint(directory, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+        loaded, client_state = self.engine.load_checkpoint(directory, load_optimizer_states=True,
+                                                           load_lr_scheduler_states=True)
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+        vars(self.mismatch).update(client_state.get("mismatch_window", {}))
         set_rng_states(torch.load(self._rng_path(path), weights_only=False))
