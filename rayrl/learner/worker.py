@@ -112,8 +112,8 @@ class LearnerWorker:
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")  # Ray gives each worker its own GPU
         backend = self.cfg.backend if self.cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "gloo":
-            # Its shared-memory all-reduce serves DeepSpeed inference only; left on, the first start on
-            # a machine JIT-compiles it (35-45 s on 2 cores) for a learner that never calls it.
+            # DeepSpeed's shared-memory all-reduce op serves its inference only; left on, the first
+            # start on a machine JIT-compiles it (35-45 s on 2 cores) for a learner that never calls it.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         torch.manual_seed(self.seed)
