@@ -32,13 +32,16 @@ from rayrl.tree import decode, encode
 
 
 def init_ray(run_cfg) -> None:
-    """Join the cluster named by RAY_ADDRESS, else start a local instance."""
+    """Join the cluster named by RAY_ADDRESS, else start a local instance. Either way every worker
+    process of the job runs rayrl.worker_setup first (merged with a submitted job's runtime env)."""
     if ray.is_initialized():
         return
+    env = {"worker_process_setup_hook": "rayrl.worker_setup.setup_worker"}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=env)
     else:
-        ray.init(address="local", num_cpus=run_cfg.ray_num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=run_cfg.ray_num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env=env)
 
 
 @dataclass
