@@ -176,6 +176,15 @@ class Trainer:
         """Mean held-out score over the domains."""
         return float(np.mean(list(self.evaluate_domains().values())))
 
+    def monitor_evaluation(self, step: int) -> dict:
+        """The periodic held-out score, {"eval": x}. It only monitors the run, so one that the
+        infrastructure failed is printed and logged as {"eval_error": why}, and training goes on."""
+        try:
+            return {"eval": self.evaluate()}
+        except EvaluationError as err:
+            print(f"step {step}: held-out evaluation failed, training goes on: {err}", flush=True)
+            return {"eval_error": str(err)}
+
     def next_batch(self, runs: list) -> list:
         """Wait for a fresh batch; a generator that died raises here instead of hanging the run,
         and a long wait says what the buffer has seen (e.g. every group dropped for zero variance)."""
@@ -240,7 +249,7 @@ class Trainer:
             timing = {"wait_s": got - tick, "learner_step_s": learned - got, "step_s": time.perf_counter() - tick}
             record = self.step_record(batch, stats, timing)
             if cfg.trainer.eval.every and step % cfg.trainer.eval.every == 0:
-                record["eval"] = self.evaluate()
+                record.update(self.monitor_evaluation(step))
             stop = bool(on_step and on_step(step, record))
             history.append(log.log(step, record))
             self.step = step

@@ -49,7 +49,7 @@ def test_a_run_directory_with_an_earlier_run_is_moved_aside(tmp_path):
 
 
 class ScriptedGenerator:
-    """Rewards in call order from a script, None where the infrastructure failed."""
+    """Rewards in call order from a script; a str (why) where the infrastructure failed."""
 
     def __init__(self, rewards):
         self.rewards = list(rewards)
@@ -80,3 +80,23 @@ def test_a_domain_whose_every_held_out_episode_failed_is_an_error_that_names_it(
             for rewards in ([1.0, "docker: no such image"], [0.0, "docker: no such image"])]
     with pytest.raises(EvaluationError, match=r"all 2 held-out episodes of domain terminal .*no such image"):
         evaluate_domains(gens, tasks, EvalConfig(temperature=1.0, samples=2))
+
+
+def test_a_failed_periodic_evaluation_is_logged_and_training_goes_on(capsys):
+    from types import SimpleNamespace
+
+    from rayrl.pipeline import EvaluationError, Trainer
+
+    def failing():
+        raise EvaluationError("the infrastructure failed under all 8 held-out episodes of domain swe")
+
+    assert Trainer.monitor_evaluation(SimpleNamespace(evaluate=lambda: 0.25), 4) == {"eval": 0.25}
+    assert Trainer.monitor_evaluation(SimpleNamespace(evaluate=failing), 8) == {
+        "eval_error": "the infrastructure failed under all 8 held-out episodes of domain swe"}
+    assert "step 8: held-out evaluation failed, training goes on" in capsys.readouterr().out
+
+    def broken():
+        raise RuntimeError("a rollout generator stopped unexpectedly")
+
+    with pytest.raises(RuntimeError, match="generator stopped"):   # only a missing score is tolerated
+        Trainer.monitor_evaluation(SimpleNamespace(evaluate=broken), 8)
