@@ -9,19 +9,10 @@ import os
 import warnings
 
 
-class DropMessage(logging.Filter):
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
 def setup_worker() -> None:
     # transformers draws a progress bar for every weight load and save, in every actor.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # DeepSpeed warns, in every process that imports it on a CPU node, that it picked the CPU.
-    logging.getLogger("DeepSpeed").addFilter(DropMessage("Setting accelerator to CPU"))
+    logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
     # DeepSpeed's ZeRO calls a torch collective that torch deprecates, once per learner start.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)

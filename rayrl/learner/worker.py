@@ -190,16 +190,14 @@ class LearnerWorker:
             self.engine.backward(loss * self.world_size)
             for k, v in stats.items():
                 sums[k] = max(sums.get(k, v), v) if k.endswith("_max") else sums.get(k, 0.0) + v
-        checked = None
         if kind != "sft" and totals.get("version") is not None:
             checked = self._check_weight_sync(sums, totals)
+            if checked is not None:
+                sums["mismatch_kl_checked"] = checked
+            sums["mismatch_window_tokens"] = self.mismatch.tokens   # pooled, not yet checked
         self.engine.step()
         grad_norm = self.engine.get_global_grad_norm()
         sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        if checked is not None:
-            sums["mismatch_kl_checked"] = checked
-        if kind != "sft" and totals.get("version") is not None:
-            sums["mismatch_window_tokens"] = self.mismatch.tokens   # pooled, not yet checked
         return sums
 
     def _check_weight_sync(self, sums: dict, totals: dict) -> float | None:
