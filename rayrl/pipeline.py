@@ -7,8 +7,11 @@ training is this same loop with `replay.max_staleness=0`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -150,12 +153,52 @@ def evaluate_domains(gens: list, tasks: list[dict], eval_cfg) -> dict[str, float
     return {d: float(np.mean(v)) for d, v in sorted(by_domain.items())}
 
 
+class StepGuard:
+    """SIGINT (Ctrl-C) and SIGTERM (`ray job stop`) as KeyboardInterrupt in the driver, held back
+    inside `step()`: a learner update, its record and its checkpoint happen together or not at
+    all, so the run can be saved on the way out (`Trainer.save_on_failure`). A second signal while
+    one is held stops at once. Off the main thread, where Python takes no signals, it does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.holding, self.pending, self.previous = False, None, {}
+
+    def __enter__(self) -> StepGuard:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.holding and self.pending is None:
+            self.pending = name
+            print(f"{name}: finishing this step, then saving a checkpoint ({name} again stops at once)", flush=True)
+            return
+        raise KeyboardInterrupt(name)
+
+    @contextlib.contextmanager
+    def step(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending:
+            raise KeyboardInterrupt(self.pending)
+
+
 class Trainer:
     def __init__(self, cfg, roles: Roles, model_path: str):
         self.cfg, self.roles, self.model_path = cfg, roles, model_path
         self.version = 0
         self.step = 0       # RL steps done (what a checkpoint records)
         self.evals: dict = {}   # the run's evaluations before RL, kept with checkpoints for the summary
+        self.batch_request = None   # the learner's request to the buffer while it waits for a batch
         self.eval_tasks = ray.get(roles.generators[0].eval_tasks.remote(cfg.task.eval_size))
         if cfg.replay.prompts:   # a finite training set, handed out by the buffer (epochs, History Resampling)
             tasks = ray.get(roles.generators[0].train_tasks.remote(cfg.replay.prompts, cfg.run.seed))
@@ -177,10 +220,12 @@ class Trainer:
         return float(np.mean(list(self.evaluate_domains().values())))
 
     def monitor_evaluation(self, step: int) -> dict:
-        """The periodic held-out score, {"eval": x}. It only monitors the run, so one that the
-        infrastructure failed is printed and logged as {"eval_error": why}, and training goes on."""
+        """A held-out score during training, {"eval": mean, "eval/<domain>": score, ...}. It only
+        monitors the run, so one that the infrastructure failed is printed and logged as
+        {"eval_error": why}, and training goes on."""
         try:
-            return {"eval": self.evaluate()}
+            scores = self.evaluate_domains()
+            return {"eval": float(np.mean(list(scores.values()))), **{f"eval/{d}": v for d, v in scores.items()}}
         except EvaluationError as err:
             print(f"step {step}: held-out evaluation failed, training goes on: {err}", flush=True)
             return {"eval_error": str(err)}
@@ -190,7 +235,10 @@ class Trainer:
         and a long wait says what the buffer has seen (e.g. every group dropped for zero variance)."""
         start = notice = time.monotonic()
         while True:
-            batch = ray.get(self.roles.buffer.get.remote(self.cfg.trainer.groups_per_step, self.version))
+            # Kept until answered: a stop that cuts the wait short gives its groups back (save_on_failure).
+            self.batch_request = self.roles.buffer.get.remote(self.cfg.trainer.groups_per_step, self.version)
+            batch = ray.get(self.batch_request)
+            self.batch_request = None
             if batch is not None:
                 return batch
             if time.monotonic() - notice > 60:
@@ -236,34 +284,69 @@ class Trainer:
         runs = [g.run.remote(roles.buffer, roles.graders, concurrency, teachers, seeded=cfg.run.deterministic)
                 for g in roles.generators]
         history, self._gen_tokens = [], self.generator_stats()["gen_tokens"]
-        for step in range(start + 1, steps + 1):
-            tick = time.perf_counter()
-            batch = self.next_batch(runs)                  # fresh groups, each handed out once
-            got = time.perf_counter()
-            stats = roles.learner.train_step(batch, kind, lr, rl_weight, version=self.version,   # weight-sync check
-                                             max_mismatch_kl=cfg.rollout.max_mismatch_kl,
-                                             mismatch_check_tokens=cfg.rollout.mismatch_check_tokens)
-            learned = time.perf_counter()
-            self.version += 1
-            self.publish()                                 # generators swap it in between episodes
-            timing = {"wait_s": got - tick, "learner_step_s": learned - got, "step_s": time.perf_counter() - tick}
-            record = self.step_record(batch, stats, timing)
-            if cfg.trainer.eval.every and step % cfg.trainer.eval.every == 0:
-                record.update(self.monitor_evaluation(step))
-            stop = bool(on_step and on_step(step, record))
-            history.append(log.log(step, record))
-            self.step = step
-            if cfg.trainer.ckpt_every and step % cfg.trainer.ckpt_every == 0:
-                self.checkpoint(f"step_{step}")
-            progress.update(1)
-            progress.set_postfix(reward=f"{record['reward_mean']:.3f}", stale=f"{record['staleness_mean']:.2f}")
-            if stop:
-                break
+        whole = True   # the learner's state is that of self.step, whose record is logged
+        with StepGuard() as guard:
+            try:
+                for step in range(start + 1, steps + 1):
+                    tick = time.perf_counter()
+                    batch = self.next_batch(runs)                  # fresh groups, each handed out once
+                    got = time.perf_counter()
+                    with guard.step():
+                        whole = False
+                        stats = roles.learner.train_step(batch, kind, lr, rl_weight, version=self.version,
+                                                         max_mismatch_kl=cfg.rollout.max_mismatch_kl,   # weight-sync
+                                                         mismatch_check_tokens=cfg.rollout.mismatch_check_tokens)
+                        learned = time.perf_counter()
+                        self.version += 1
+                        self.publish()                             # generators swap it in between episodes
+                        timing = {"wait_s": got - tick, "learner_step_s": learned - got,
+                                  "step_s": time.perf_counter() - tick}
+                        record = self.step_record(batch, stats, timing)
+                        if cfg.trainer.eval.every and step % cfg.trainer.eval.every == 0:
+                            record.update(self.monitor_evaluation(step))
+                        stop = bool(on_step and on_step(step, record))
+                        history.append(log.log(step, record))
+                        self.step, whole = step, True
+                        if cfg.trainer.ckpt_every and step % cfg.trainer.ckpt_every == 0:
+                            self.checkpoint(f"step_{step}")
+                    progress.update(1)
+                    progress.set_postfix(reward=f"{record['reward_mean']:.3f}",
+                                         stale=f"{record['staleness_mean']:.2f}")
+                    if stop:
+                        break
+            except BaseException as err:
+                self.save_on_failure(err, whole)
+                raise
         for g in roles.generators:
             g.stop.remote()
         ray.get(roles.buffer.close.remote())
         ray.get(runs)
         return history
+
+    def save_on_failure(self, err: BaseException, whole: bool) -> None:
+        """On the way out of a failed or interrupted loop, checkpoint the last whole step (see
+        StepGuard), unless a learner step was part way: its state is then not a step's."""
+        why = f"{type(err).__name__}{': ' + str(err) if str(err) else ''}"
+        if not whole:
+            print(f"stopped in the middle of step {self.step + 1} ({why}): no checkpoint saved, the learner's "
+                  "state may be part way through an update", flush=True)
+            return
+        run_dir = expand(self.cfg.run.dir)
+        path = os.path.join(run_dir, "checkpoints", f"step_{self.step}")
+        if os.path.isfile(os.path.join(path, "trainer_state.json")):
+            print(f"stopped after step {self.step} ({why}); its checkpoint is {path}", flush=True)
+            return
+        print(f"stopped after step {self.step} ({why}): saving {path}", flush=True)
+        try:
+            if self.batch_request is not None:   # the buffer may yet hand out a batch no step will train on
+                batch, self.batch_request = ray.get(self.batch_request), None
+                if batch:
+                    ray.get(self.roles.buffer.give_back.remote(batch, self.version))
+            self.checkpoint(f"step_{self.step}")
+        except BaseException as save_err:   # a second Ctrl-C, or the failure took a role with it
+            print(f"could not save it: {type(save_err).__name__}: {save_err}", flush=True)
+            return
+        print(f"saved; `run.resume={run_dir}` continues it (recipes grpo, train_expert)", flush=True)
 
     def step_record(self, batch: list, stats: dict, timing: dict) -> dict:
         rewards = [r for m, _ in batch for r in m["rewards"] if r is not None]

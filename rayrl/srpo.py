@@ -50,12 +50,16 @@ class StageHook:
         stage = self.stages[self.index]
         self.steps += 1
         record["stage"] = self.index + 1
-        evals = None
-        if self.steps >= stage.steps or (self.eval_every and self.steps % self.eval_every == 0):
-            evals = self.trainer.evaluate_domains()
-            record.update({f"eval/{d}": v for d, v in evals.items()})
+        if self.steps < stage.steps and not (self.eval_every and self.steps % self.eval_every == 0):
+            return False
+        # A stage evaluation the infrastructure failed is logged as eval_error and scores nothing:
+        # the stage still ends after its steps, and srpo() measures a missing final score again.
+        result = self.trainer.monitor_evaluation(step)
+        record.update(result)
+        evals = {k[len("eval/"):]: v for k, v in result.items() if k.startswith("eval/")} or None
+        if evals:
             self.scores.append(float(np.mean([evals[d] for d in stage.domains])))
-        reason = stage_done(stage, self.steps, self.scores) if evals is not None else None
+        reason = stage_done(stage, self.steps, self.scores)
         if reason is None:
             return False
         self.rows.append({"name": stage.name, "domains": dict(stage.domains), "steps": self.steps,
@@ -85,7 +89,9 @@ def srpo(cfg) -> dict:
         total = sum(s.steps for s in cfg.srpo.stages)
         with tqdm(total=total, desc="srpo", disable=not cfg.run.progress) as progress:
             history = trainer.train_rl(log, progress, steps=total, on_step=hook)
-        checkpoint = trainer.checkpoint("final")
+        checkpoint = trainer.checkpoint("final")   # before an evaluation that may fail
+        if hook.rows[-1]["eval"] is None:
+            hook.rows[-1]["eval"] = trainer.evaluate_domains()
         buffer = ray.get(roles.buffer.stats.remote())
     finally:
         roles.shutdown()
@@ -110,7 +116,7 @@ def print_table(summary: dict) -> None:
     print()
     print(f"{'after':<28}{'steps':>7}  " + "".join(f"{d:>10}" for d in domains) + "  ended by")
     for row in summary["stages"]:
-        cells = "".join(f"{row['eval'].get(d, float('nan')):>10.3f}" for d in domains)
+        cells = "".join(f"{row['eval'][d]:>10.3f}" if d in (row["eval"] or {}) else f"{'-':>10}" for d in domains)
         print(f"{row['name']:<28}{row['steps']:>7}  {cells}  {row.get('ended_by', '')}")
     gain = ", ".join(f"{d} {g:+.3f}" for d, g in summary["eval_gain"].items())
     print(f"held-out gain over the warm start: {gain}")

@@ -90,8 +90,9 @@ def test_a_failed_periodic_evaluation_is_logged_and_training_goes_on(capsys):
     def failing():
         raise EvaluationError("the infrastructure failed under all 8 held-out episodes of domain swe")
 
-    assert Trainer.monitor_evaluation(SimpleNamespace(evaluate=lambda: 0.25), 4) == {"eval": 0.25}
-    assert Trainer.monitor_evaluation(SimpleNamespace(evaluate=failing), 8) == {
+    scores = SimpleNamespace(evaluate_domains=lambda: {"general": 0.25, "swe": 0.75})
+    assert Trainer.monitor_evaluation(scores, 4) == {"eval": 0.5, "eval/general": 0.25, "eval/swe": 0.75}
+    assert Trainer.monitor_evaluation(SimpleNamespace(evaluate_domains=failing), 8) == {
         "eval_error": "the infrastructure failed under all 8 held-out episodes of domain swe"}
     assert "step 8: held-out evaluation failed, training goes on" in capsys.readouterr().out
 
@@ -99,4 +100,4 @@ def test_a_failed_periodic_evaluation_is_logged_and_training_goes_on(capsys):
         raise RuntimeError("a rollout generator stopped unexpectedly")
 
     with pytest.raises(RuntimeError, match="generator stopped"):   # only a missing score is tolerated
-        Trainer.monitor_evaluation(SimpleNamespace(evaluate=broken), 8)
+        Trainer.monitor_evaluation(SimpleNamespace(evaluate_domains=broken), 8)

@@ -5,8 +5,13 @@ and what makes that hold, piece by piece, without Ray: the buffer's tickets and 
 
 import asyncio
 import json
+import os
 import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import msgpack
 import pytest
@@ -72,6 +77,68 @@ def test_a_resumed_run_ends_the_next_step_with_exactly_the_parameters_of_an_unst
     assert logged[K]["learner/mismatch_window_tokens"] > logged[K]["learner/onpolicy_tokens"] > 0
 
 
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_saves_its_last_whole_step_and_resumes_from_it(tmp_path):
+    """`ray job stop` sends the driver SIGTERM (Ctrl-C sends SIGINT; the same path). The run saves
+    the last step it finished, logged and whole, and `run.resume` continues from there."""
+    from tests.ray_head import ray_env
+    run_dir = tmp_path / "run"
+    settings = [*(s for s in SETTINGS if not s.startswith(("trainer.total_steps", "trainer.ckpt_every"))),
+                f"run.dir={run_dir}", "trainer.ckpt_every=0"]
+    recipe = [sys.executable, str(ROOT / "recipes" / "grpo.py")]
+    with ray_env() as env:
+        proc = subprocess.Popen([*recipe, *settings, "trainer.total_steps=200"], cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while not (run_dir / "metrics.jsonl").exists() or len(rl_records(run_dir)) < 2:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+                time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        assert proc.returncode != 0, out[-3000:]
+        saved = sorted(os.listdir(run_dir / "checkpoints"))
+        assert len(saved) == 1 and saved[0].startswith("step_"), (saved, out[-3000:])
+        state = json.load(open(run_dir / "checkpoints" / saved[0] / "trainer_state.json"))
+        stopped_at = state["step"]
+        assert f"stopped after step {stopped_at} (KeyboardInterrupt: SIGTERM): saving" in out, out[-3000:]
+        # The checkpoint is of the last logged step: nothing trained after it, nothing missing before it.
+        assert stopped_at >= 2 and [r["step"] for r in rl_records(run_dir)] == list(range(1, stopped_at + 1))
+        assert state["metrics_lines"] == len(open(run_dir / "metrics.jsonl").readlines())
+
+        resumed = subprocess.run([*recipe, f"run.resume={run_dir}", f"trainer.total_steps={stopped_at + 1}",
+                                  "run.progress=false"], cwd=ROOT, env=env, text=True, capture_output=True,
+                                 timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert [r["step"] for r in rl_records(run_dir)] == list(range(1, stopped_at + 2))
+    assert not (run_dir / "metrics.lost.jsonl").exists()
+    assert (run_dir / "checkpoints" / "final" / "trainer_state.json").exists()
+
+
+def test_a_signal_in_a_guarded_step_waits_for_its_end_and_a_second_one_does_not():
+    from rayrl.pipeline import StepGuard
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with StepGuard() as guard:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            with guard.step():
+                os.kill(os.getpid(), signal.SIGTERM)
+                finished = True        # the step goes on to its end
+        assert finished
+        with pytest.raises(KeyboardInterrupt, match="SIGINT"):   # between steps: at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        guard.pending = None
+        with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+            with guard.step():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)   # the second stops the step
+                time.sleep(5)
+                pytest.fail("the second signal did not stop the step")
+    assert {s: signal.getsignal(s) for s in before} == before   # the handlers it replaced are back
+
+
 def test_a_bad_resume_is_refused_before_anything_starts(tmp_path):
     with pytest.raises(ConfigError, match="run.resume=.*no such directory"):
         load(GRPOConfig, str(RECIPE_YAML), [f"run.resume={tmp_path / 'missing'}"])
@@ -127,6 +194,20 @@ async def test_a_restored_buffer_reissues_the_tickets_in_flight_and_keeps_the_he
     await second.set_version(1)                            # the step's weights are out: next step
     fresh = await second.acquire_ticket(timeout=0.1)
     assert fresh["index"] == 4 and fresh["seed"] == random.Random("5:4").getrandbits(63)
+
+
+async def test_a_batch_given_back_leaves_the_buffer_as_if_it_was_never_handed_out():
+    buffer = ReplayBuffer(groups_per_step=2, max_staleness=1, filter_zero_variance=False, seed=3)
+    for _ in range(3):
+        ticket = await buffer.acquire_ticket(timeout=0.1)
+        await buffer.put(meta(), [f"tree {ticket['index']}"], ticket["index"])
+    before = json.dumps(buffer.snapshot(), sort_keys=True)
+    batch = await buffer.get(2, 0, timeout=0.1)
+    assert [ref for _, ref in batch] == ["tree 0", "tree 1"]
+    assert buffer.stats()["consumed"] == 2
+    await buffer.give_back(batch, 0)
+    assert json.dumps(buffer.snapshot(), sort_keys=True) == before
+    assert [ref for _, ref in await buffer.get(2, 0, timeout=0.1)] == ["tree 0", "tree 1"]
 
 
 async def test_a_seeded_group_samples_the_same_whatever_shares_the_engine():

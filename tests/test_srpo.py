@@ -29,6 +29,47 @@ def test_a_stage_ends_by_steps_or_by_plateau():
     assert stage_done(StageConfig(steps=10), 4, [0.2, 0.2]) is None   # patience 0: by steps only
 
 
+def test_a_failed_stage_evaluation_scores_nothing_and_the_stage_still_ends_by_steps(ray_session, capsys):
+    from types import SimpleNamespace
+
+    from rayrl.pipeline import EvaluationError, Trainer
+    from rayrl.srpo import StageHook
+
+    @ray_session.remote
+    class Buffer:
+        def __init__(self):
+            self.stages = []
+
+        def set_stage(self, domains):
+            self.stages.append(dict(domains))
+
+    # Stage 1 (3 steps, plateau after 1 evaluation without a gain of 0.05) is evaluated every step.
+    outcomes = iter([{"math": 0.2}, None, {"math": 0.21}, {"math": 0.3, "code": 0.5}])
+
+    def evaluate_domains():
+        scores = next(outcomes)
+        if scores is None:
+            raise EvaluationError("the infrastructure failed under all 4 held-out episodes of domain math")
+        return scores
+
+    trainer = SimpleNamespace(roles=SimpleNamespace(buffer=Buffer.remote()), evaluate_domains=evaluate_domains)
+    trainer.monitor_evaluation = lambda step: Trainer.monitor_evaluation(trainer, step)
+    spec = SimpleNamespace(eval_every=1, stages=[
+        StageConfig(name="math", domains={"math": 1.0}, steps=3, plateau_patience=1, plateau_delta=0.05),
+        StageConfig(name="mix", domains={"math": 0.5, "code": 0.5}, steps=1)])
+    hook = StageHook(trainer, spec)
+    records = [{} for _ in range(4)]
+    assert not hook(1, records[0])
+    # The failed evaluation adds no score, so it neither ends the stage nor counts toward a plateau.
+    assert not hook(2, records[1]) and "domain math" in records[1]["eval_error"] and "eval" not in records[1]
+    assert not hook(3, records[2])                         # 0.21: a plateau, but step 3 ends it first
+    assert hook.rows[0]["ended_by"] == "steps" and hook.rows[0]["eval"] == {"math": 0.21}
+    assert hook(4, records[3]) and hook.rows[1]["eval"] == {"math": 0.3, "code": 0.5}
+    assert ray_session.get(trainer.roles.buffer.__ray_call__.remote(lambda b: b.stages)) == [
+        {"math": 1.0}, {"math": 0.5, "code": 0.5}]
+    assert "step 2: held-out evaluation failed, training goes on" in capsys.readouterr().out
+
+
 def test_stage_list_elements_can_be_overridden():
     cfg = load(SRPOConfig, YAML, ["srpo.stages.0.steps=7", "srpo.stages.1.domains.code=0.5"])
     assert cfg.srpo.stages[0].steps == 7

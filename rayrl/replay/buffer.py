@@ -161,6 +161,16 @@ class ReplayBuffer:
                 return None
             return batch
 
+    async def give_back(self, batch: list, learner_version: int) -> None:
+        """Undo a `get` whose batch will not be trained on (the run stopped while it waited, and is
+        being saved): its groups are held again, first, as if never handed out."""
+        async with self._changed:
+            self._items.extendleft(reversed(batch))
+            self._outstanding += len(batch)
+            self._consumed -= len(batch)
+            self._learner_next = learner_version
+            self._changed.notify_all()
+
     async def close(self) -> None:
         async with self._changed:
             self._closed = True
