@@ -87,17 +87,20 @@ def test_a_run_stopped_by_sigterm_saves_its_last_whole_step_and_resumes_from_it(
                 f"run.dir={run_dir}", "trainer.ckpt_every=0"]
     recipe = [sys.executable, str(ROOT / "recipes" / "grpo.py")]
     with ray_env() as env:
-        proc = subprocess.Popen([*recipe, *settings, "trainer.total_steps=200"], cwd=ROOT, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        log = tmp_path / "stopped.log"   # a file, not a pipe: a full pipe would block the run
+        with open(log, "w") as sink:
+            proc = subprocess.Popen([*recipe, *settings, "trainer.total_steps=200"], cwd=ROOT, env=env,
+                                    stdout=sink, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
             while not (run_dir / "metrics.jsonl").exists() or len(rl_records(run_dir)) < 2:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=300)
+            proc.wait(timeout=300)
         finally:
             proc.kill()
+        out = log.read_text()
         assert proc.returncode != 0, out[-3000:]
         saved = sorted(os.listdir(run_dir / "checkpoints"))
         assert len(saved) == 1 and saved[0].startswith("step_"), (saved, out[-3000:])
