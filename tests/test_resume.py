@@ -77,6 +77,13 @@ def test_a_resumed_run_ends_the_next_step_with_exactly_the_parameters_of_an_unst
     assert logged[K]["learner/mismatch_window_tokens"] > logged[K]["learner/onpolicy_tokens"] > 0
 
 
+def rl_steps_logged(run_dir) -> int:
+    """RL records in a running run's metrics.jsonl, counting only lines written whole."""
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    return sum(json.loads(line)["step"] > 0 for line in lines if line.endswith("\n"))
+
+
 @pytest.mark.slow
 def test_a_run_stopped_by_sigterm_saves_its_last_whole_step_and_resumes_from_it(tmp_path):
     """`ray job stop` sends the driver SIGTERM (Ctrl-C sends SIGINT; the same path). The run saves
@@ -93,7 +100,7 @@ def test_a_run_stopped_by_sigterm_saves_its_last_whole_step_and_resumes_from_it(
                                     stdout=sink, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 300
-            while not (run_dir / "metrics.jsonl").exists() or len(rl_records(run_dir)) < 2:
+            while rl_steps_logged(run_dir) < 2:
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
