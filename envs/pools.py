@@ -25,6 +25,15 @@ def local_pool(task_cfg, max_total: int = 8):
     return SandboxPool(**_pool_setup(), min_idle=0, max_total=max_total, export_metrics=False)
 
 
+async def close_env(env, own_pool) -> None:
+    """Release what an actor's environment started (a browser) and the pool it made for itself
+    (`local_pool`; None for none, or for the cluster's shared pools, which outlive it)."""
+    if env is not None:
+        await env.aclose()
+    if own_pool is not None:
+        await own_pool.shutdown()
+
+
 def node_pools(task_cfg, node_resource: str, max_per_node: int):
     """A SandboxRouter over one SandboxPool actor on each alive Ray node that offers the custom
     resource `node_resource` (sandbox nodes of a cluster), or None if no domain of `task_cfg`

@@ -47,6 +47,16 @@ def init_ray(run_cfg) -> None:
                  runtime_env=env)
 
 
+def kill_closed(actors: list) -> None:
+    """Kill generators or graders once they have closed their environments (browsers, sandbox
+    pools of their own: a kill alone leaves a pool's background task to die mid-await). Bounded:
+    after a failure an actor may be dead or stuck, and it is killed regardless."""
+    closing = [actor.close.remote() for actor in actors]
+    ray.wait(closing, num_returns=len(closing), timeout=30)
+    for actor in actors:
+        ray.kill(actor)
+
+
 @dataclass
 class Roles:
     generators: list
@@ -57,8 +67,8 @@ class Roles:
 
     def shutdown(self) -> None:
         self.learner.shutdown()
-        for actor in [*self.generators, *self.graders, self.buffer]:
-            ray.kill(actor)
+        kill_closed([*self.generators, *self.graders])
+        ray.kill(self.buffer)
         if self.sandboxes is not None:
             self.sandboxes.shutdown()
             for pool in self.sandboxes.pools:

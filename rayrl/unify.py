@@ -27,7 +27,7 @@ import ray
 from rayrl.config import expand
 from rayrl.metrics import MetricsLogger
 from rayrl.models import resolve_model_path
-from rayrl.pipeline import Trainer, evaluate_domains, role_options, run, spawn, start_run
+from rayrl.pipeline import Trainer, evaluate_domains, kill_closed, role_options, run, spawn, start_run
 from rayrl.rollout.generator import RolloutGenerator
 from rayrl.rollout.teacher import Teacher
 
@@ -139,7 +139,7 @@ def evaluate_experts(cfg, experts: dict[str, dict], base: str) -> None:
             tasks = ray.get(gen.eval_tasks.remote(sub.task.eval_size))
             expert["eval"] = evaluate_domains([gen], tasks, sub.trainer.eval)[domain]
             print(f"expert {domain}: held-out {expert['eval']:.3f}", flush=True)
-            ray.kill(gen)
+            kill_closed([gen])
 
 
 def offpolicy_batches(cfg, experts: dict[str, dict], seed: int):
@@ -164,8 +164,7 @@ def offpolicy_batches(cfg, experts: dict[str, dict], seed: int):
                 pending = request(step + 1)
             yield batch
     finally:
-        for g in gens.values():
-            ray.kill(g)
+        kill_closed(list(gens.values()))
 
 
 def unify(cfg) -> dict:

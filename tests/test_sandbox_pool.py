@@ -181,3 +181,34 @@ def test_router_spreads_leases_over_node_pools():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+async def test_generators_and_graders_close_the_pools_they_made_and_leave_shared_ones():
+    """Roles.shutdown closes them before the kill (rayrl.pipeline.kill_closed): a pool's background
+    task then ends cleanly and its sandboxes are gone."""
+    from rayrl.config import GRPOConfig
+    from rayrl.models import resolve_model_path
+    from rayrl.reward.grader import RewardGrader
+    from rayrl.rollout.generator import RolloutGenerator
+    cfg = GRPOConfig()
+    cfg.task.name = "terminal"
+    path = resolve_model_path(cfg.model)
+    gen, grader = RolloutGenerator(path, cfg.rollout, cfg.task), RewardGrader(cfg.task, path)
+    assert grader.env is not None   # built on first use, with its pool
+    own = [gen.own_pool, grader._own_pool]
+    shared = pool(min_idle=0)
+    beside = RolloutGenerator(path, cfg.rollout, cfg.task, sandbox_pool=shared)
+    for p in [*own, shared]:
+        await p.release(await p.lease())       # a warm sandbox, and the pool's background task
+        assert p.stats()["live"] == 1 and not p._tasks[0].done()
+    await gen.close()
+    await grader.close()
+    await beside.close()
+    await asyncio.sleep(0)
+    for p in own:
+        assert p.stats()["live"] == 0 and all(t.done() for t in p._tasks)
+    assert shared.stats()["live"] == 1 and not shared._tasks[0].done()   # the cluster's: not theirs to close
+    await shared.shutdown()
+    for g in (gen, beside):
+        if g._serve_task is not None:
+            g._serve_task.cancel()

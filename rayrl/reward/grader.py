@@ -9,7 +9,7 @@ import asyncio
 import numpy as np
 
 from envs import Task, make_env
-from envs.pools import local_pool
+from envs.pools import close_env, local_pool
 from rayrl.algo.advantages import assign_advantages
 from rayrl.sandbox.base import SandboxInfraError
 from rayrl.tree import TrajectoryTree, summarize
@@ -21,6 +21,7 @@ class RewardGrader:
         self.task_cfg = task_cfg
         self._env = None
         self.sandbox_pool = sandbox_pool   # the cluster's pools (a SandboxRouter), or None: a pool of its own
+        self._own_pool = None
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.advantage_mode = advantage_mode
         self.graded = 0
@@ -30,13 +31,17 @@ class RewardGrader:
     def env(self):
         """Built on first use: agent episodes, scored where they ran, never need it."""
         if self._env is None:
-            pool = local_pool(self.task_cfg) if self.sandbox_pool is None else self.sandbox_pool
-            self._env = make_env(self.task_cfg, pool=pool)
+            self._own_pool = local_pool(self.task_cfg) if self.sandbox_pool is None else None
+            self._env = make_env(self.task_cfg, pool=self._own_pool if self.sandbox_pool is None else self.sandbox_pool)
         return self._env
 
     @env.setter
     def env(self, env) -> None:
         self._env = env
+
+    async def close(self) -> None:
+        """Before the actor is killed (Roles.shutdown), as RolloutGenerator.close."""
+        await close_env(self._env, self._own_pool)
 
     def response_text(self, tree: TrajectoryTree, leaf: int) -> str:
         """Text of the model-sampled tokens on the path to `leaf` (observations excluded)."""

@@ -21,7 +21,7 @@ from dataclasses import replace
 import numpy as np
 
 from envs import Task, make_env
-from envs.pools import local_pool
+from envs.pools import close_env, local_pool
 from rayrl.algo.mcla import mcla_passes
 from rayrl.models import chat_prompt_ids, load_tokenizer
 from rayrl.models.moe import routes_to_bytes, routing
@@ -123,7 +123,8 @@ class RolloutGenerator:
             self.engine.logprob_passes = mcla_passes(mcla, moe)[0]
             self.engine.record_routes = bool(mcla.routing_replay and moe)
         # `sandbox_pool`: the cluster's pools (a SandboxRouter, config `sandbox`); else a pool of its own.
-        self.pool = local_pool(task_cfg) if sandbox_pool is None else sandbox_pool
+        self.own_pool = local_pool(task_cfg) if sandbox_pool is None else None
+        self.pool = self.own_pool if sandbox_pool is None else sandbox_pool
         self.env = make_env(task_cfg, seed, pool=self.pool)
         self.seed = seed
         self.params = SamplingParams(max_new_tokens=rollout_cfg.max_new_tokens,
@@ -285,6 +286,11 @@ class RolloutGenerator:
 
     def stop(self) -> None:
         self._running = False
+
+    async def close(self) -> None:
+        """Before the actor is killed (Roles.shutdown): closes the browser and this generator's own
+        sandbox pool, whose background task a kill would leave to die mid-await."""
+        await close_env(self.env, self.own_pool)
 
     def stats(self) -> dict:
         return {"groups": self.groups, "gen_tokens": self.batcher.tokens, "gen_busy_s": self.batcher.busy_s,
