@@ -31,8 +31,10 @@ class RewardGrader:
     def env(self):
         """Built on first use: agent episodes, scored where they ran, never need it."""
         if self._env is None:
-            self._own_pool = local_pool(self.task_cfg) if self.sandbox_pool is None else None
-            self._env = make_env(self.task_cfg, pool=self._own_pool if self.sandbox_pool is None else self.sandbox_pool)
+            pool = self.sandbox_pool
+            if pool is None:
+                pool = self._own_pool = local_pool(self.task_cfg)
+            self._env = make_env(self.task_cfg, pool=pool)
         return self._env
 
     @env.setter

@@ -123,8 +123,9 @@ class RolloutGenerator:
             self.engine.logprob_passes = mcla_passes(mcla, moe)[0]
             self.engine.record_routes = bool(mcla.routing_replay and moe)
         # `sandbox_pool`: the cluster's pools (a SandboxRouter, config `sandbox`); else a pool of its own.
-        self.own_pool = local_pool(task_cfg) if sandbox_pool is None else None
-        self.pool = self.own_pool if sandbox_pool is None else sandbox_pool
+        self.pool, self.own_pool = sandbox_pool, None
+        if sandbox_pool is None:
+            self.pool = self.own_pool = local_pool(task_cfg)
         self.env = make_env(task_cfg, seed, pool=self.pool)
         self.seed = seed
         self.params = SamplingParams(max_new_tokens=rollout_cfg.max_new_tokens,
