@@ -443,11 +443,13 @@ def latest_checkpoint(run_dir: str) -> str:
             with open(state_path) as f:
                 state = json.load(f)
             if "step" in state:   # checkpoints written before runs could resume lack it
-                found.append((state["step"], os.path.getmtime(state_path), os.path.join(root, name)))
+                # sft_<N> (step 0, SFT part way) < step_0 (SFT done); without sft_step SFT was done
+                found.append((state["step"], state.get("sft_step", float("inf")), os.path.getmtime(state_path),
+                              os.path.join(root, name)))
     if not found:
         raise ConfigError(f"run.resume={run_dir!r}: no checkpoint to resume from in {root} (a run writes "
                           "one every trainer.ckpt_every steps and one at its end)")
-    return max(found)[2]
+    return max(found)[-1]
 
 
 def check_resume(cfg) -> str | None:

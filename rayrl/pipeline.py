@@ -127,14 +127,18 @@ def spawn(cfg, model_path: str) -> Roles:
     return Roles(generators, graders, buffer, learner, sandboxes)
 
 
-def sft_batches(generators: list, batch_size: int, steps: int, seed: int):
+def sft_batches(generators: list, batch_size: int, steps: int, seed: int, start: int = 0):
     """Oracle demonstrations from the generators (which own the environments and their tools),
-    one batch per step, the next batch made while the learner trains on the current one."""
-    refs = [generators[i % len(generators)].demonstrations.remote(batch_size, seed + i) for i in range(min(2, steps))]
-    for step in range(steps):
+    one batch per step from step `start` on (a resumed SFT gets the batches it had not trained
+    on), the next batch made while the learner trains on the current one."""
+    def request(i: int):
+        return generators[i % len(generators)].demonstrations.remote(batch_size, seed + i)
+
+    refs = [request(i) for i in range(start, min(start + 2, steps))]
+    for step in range(start, steps):
         batch = ray.get(refs.pop(0))
         if step + 2 < steps:
-            refs.append(generators[(step + 2) % len(generators)].demonstrations.remote(batch_size, seed + step + 2))
+            refs.append(request(step + 2))
         yield batch
 
 
@@ -207,6 +211,8 @@ class Trainer:
         self.cfg, self.roles, self.model_path = cfg, roles, model_path
         self.version = 0
         self.step = 0       # RL steps done (what a checkpoint records)
+        self.sft_step = 0   # SFT updates done, likewise
+        self.whole = True   # the learner's state is that of the last step counted (see `guarded`)
         self.evals: dict = {}   # the run's evaluations before RL, kept with checkpoints for the summary
         self.batch_request = None   # the learner's request to the buffer while it waits for a batch
         self.eval_tasks = ray.get(roles.generators[0].eval_tasks.remote(cfg.task.eval_size))
@@ -260,21 +266,42 @@ class Trainer:
                 ray.get(done)
                 raise RuntimeError("a rollout generator stopped unexpectedly")
 
-    def warm_start(self, log: MetricsLogger, progress, steps: int | None = None, batches=None) -> list[dict]:
-        """SFT on oracle demonstrations (or on given `batches`); publishes the result as a new
-        version; returns the logged steps."""
+    @contextlib.contextmanager
+    def guarded(self, phase: str | None):
+        """The body under a StepGuard (yielded, for its steps); on the way out by any exception the
+        last whole step is saved (save_on_failure) before the exception goes on. A step marks
+        itself part way with `self.whole = False`. `phase`: "rl" saves checkpoints/step_<N>,
+        "sft" checkpoints/sft_<N>, None nothing (a phase no recipe resumes)."""
+        self.whole = True
+        with StepGuard() as guard:
+            try:
+                yield guard
+            except BaseException as err:
+                self.save_on_failure(err, phase)
+                raise
+
+    def warm_start(self, log: MetricsLogger, progress, steps: int | None = None, batches=None, start: int = 0,
+                   phase: str | None = "sft") -> list[dict]:
+        """SFT on oracle demonstrations (or on given `batches`), updates `start` + 1 .. `steps`
+        (`start` > 0: a resumed SFT); publishes the result as a new version; returns the logged
+        steps. A stop or failure saves the last whole update as `phase` (see `guarded`)."""
         sft = self.cfg.trainer.sft
         steps = sft.steps if steps is None else steps
-        batches = batches or sft_batches(self.roles.generators, sft.batch_size, steps, self.cfg.run.seed * 7919 + 1)
+        batches = batches or sft_batches(self.roles.generators, sft.batch_size, steps, self.cfg.run.seed * 7919 + 1,
+                                         start)
         history = []
-        for step, batch in enumerate(batches, 1):
-            lr = lr_at(step, steps, sft.lr, sft.schedule, sft.warmup_steps, sft.final_lr_ratio)
-            stats = self.roles.learner.train_step(batch, "sft", lr)
-            history.append(log.log(-steps + step, {"phase": "sft", "sft_nll": stats["nll"], "lr": lr}))
-            progress.update(1)
-            progress.set_postfix(nll=f"{stats['nll']:.3f}")
-        self.version += 1
-        self.publish()
+        with self.guarded(phase) as guard:
+            for step, batch in enumerate(batches, start + 1):
+                with guard.step():
+                    self.whole = False
+                    lr = lr_at(step, steps, sft.lr, sft.schedule, sft.warmup_steps, sft.final_lr_ratio)
+                    stats = self.roles.learner.train_step(batch, "sft", lr)
+                    history.append(log.log(-steps + step, {"phase": "sft", "sft_nll": stats["nll"], "lr": lr}))
+                    self.sft_step, self.whole = step, True
+                progress.update(1)
+                progress.set_postfix(nll=f"{stats['nll']:.3f}")
+            self.version += 1
+            self.publish()
         return history
 
     def train_rl(self, log: MetricsLogger, progress, steps: int | None = None, lr: float | None = None,
@@ -294,65 +321,64 @@ class Trainer:
         runs = [g.run.remote(roles.buffer, roles.graders, concurrency, teachers, seeded=cfg.run.deterministic)
                 for g in roles.generators]
         history, self._gen_tokens = [], self.generator_stats()["gen_tokens"]
-        whole = True   # the learner's state is that of self.step, whose record is logged
-        with StepGuard() as guard:
-            try:
-                for step in range(start + 1, steps + 1):
-                    tick = time.perf_counter()
-                    batch = self.next_batch(runs)                  # fresh groups, each handed out once
-                    got = time.perf_counter()
-                    with guard.step():
-                        whole = False
-                        stats = roles.learner.train_step(batch, kind, lr, rl_weight, version=self.version,
-                                                         max_mismatch_kl=cfg.rollout.max_mismatch_kl,   # weight-sync
-                                                         mismatch_check_tokens=cfg.rollout.mismatch_check_tokens)
-                        learned = time.perf_counter()
-                        self.version += 1
-                        self.publish()                             # generators swap it in between episodes
-                        timing = {"wait_s": got - tick, "learner_step_s": learned - got,
-                                  "step_s": time.perf_counter() - tick}
-                        record = self.step_record(batch, stats, timing)
-                        if cfg.trainer.eval.every and step % cfg.trainer.eval.every == 0:
-                            record.update(self.monitor_evaluation(step))
-                        stop = bool(on_step and on_step(step, record))
-                        history.append(log.log(step, record))
-                        self.step, whole = step, True
-                        if cfg.trainer.ckpt_every and step % cfg.trainer.ckpt_every == 0:
-                            self.checkpoint(f"step_{step}")
-                    progress.update(1)
-                    progress.set_postfix(reward=f"{record['reward_mean']:.3f}",
-                                         stale=f"{record['staleness_mean']:.2f}")
-                    if stop:
-                        break
-            except BaseException as err:
-                self.save_on_failure(err, whole)
-                raise
+        with self.guarded("rl") as guard:
+            for step in range(start + 1, steps + 1):
+                tick = time.perf_counter()
+                batch = self.next_batch(runs)                  # fresh groups, each handed out once
+                got = time.perf_counter()
+                with guard.step():
+                    self.whole = False
+                    stats = roles.learner.train_step(batch, kind, lr, rl_weight, version=self.version,
+                                                     max_mismatch_kl=cfg.rollout.max_mismatch_kl,   # weight-sync
+                                                     mismatch_check_tokens=cfg.rollout.mismatch_check_tokens)
+                    learned = time.perf_counter()
+                    self.version += 1
+                    self.publish()                             # generators swap it in between episodes
+                    timing = {"wait_s": got - tick, "learner_step_s": learned - got,
+                              "step_s": time.perf_counter() - tick}
+                    record = self.step_record(batch, stats, timing)
+                    if cfg.trainer.eval.every and step % cfg.trainer.eval.every == 0:
+                        record.update(self.monitor_evaluation(step))
+                    stop = bool(on_step and on_step(step, record))
+                    history.append(log.log(step, record))
+                    self.step, self.whole = step, True
+                    if cfg.trainer.ckpt_every and step % cfg.trainer.ckpt_every == 0:
+                        self.checkpoint(f"step_{step}")
+                progress.update(1)
+                progress.set_postfix(reward=f"{record['reward_mean']:.3f}",
+                                     stale=f"{record['staleness_mean']:.2f}")
+                if stop:
+                    break
         for g in roles.generators:
             g.stop.remote()
         ray.get(roles.buffer.close.remote())
         ray.get(runs)
         return history
 
-    def save_on_failure(self, err: BaseException, whole: bool) -> None:
-        """On the way out of a failed or interrupted loop, checkpoint the last whole step (see
-        StepGuard), unless a learner step was part way: its state is then not a step's."""
+    def save_on_failure(self, err: BaseException, phase: str | None) -> None:
+        """On the way out of a failed or interrupted phase, checkpoint its last whole step (see
+        `guarded`), unless a learner step was part way: its state is then not a step's."""
         why = f"{type(err).__name__}{': ' + str(err) if str(err) else ''}"
-        if not whole:
-            print(f"stopped in the middle of step {self.step + 1} ({why}): no checkpoint saved, the learner's "
+        done, label = (self.sft_step, "SFT step") if phase == "sft" else (self.step, "step")
+        if phase is None:
+            print(f"stopped ({why}): this phase is not saved", flush=True)
+            return
+        if not self.whole:
+            print(f"stopped in the middle of {label} {done + 1} ({why}): no checkpoint saved, the learner's "
                   "state may be part way through an update", flush=True)
             return
         run_dir = expand(self.cfg.run.dir)
-        path = os.path.join(run_dir, "checkpoints", f"step_{self.step}")
+        path = os.path.join(run_dir, "checkpoints", f"{'sft' if phase == 'sft' else 'step'}_{done}")
         if os.path.isfile(os.path.join(path, "trainer_state.json")):
-            print(f"stopped after step {self.step} ({why}); its checkpoint is {path}", flush=True)
+            print(f"stopped after {label} {done} ({why}); its checkpoint is {path}", flush=True)
             return
-        print(f"stopped after step {self.step} ({why}): saving {path}", flush=True)
+        print(f"stopped after {label} {done} ({why}): saving {path}", flush=True)
         try:
             if self.batch_request is not None:   # the buffer may yet hand out a batch no step will train on
                 batch, self.batch_request = ray.get(self.batch_request), None
                 if batch:
                     ray.get(self.roles.buffer.give_back.remote(batch, self.version))
-            self.checkpoint(f"step_{self.step}")
+            self.checkpoint(os.path.basename(path))
         except BaseException as save_err:   # a second Ctrl-C, or the failure took a role with it
             print(f"could not save it: {type(save_err).__name__}: {save_err}", flush=True)
             return
@@ -397,7 +423,7 @@ class Trainer:
         with open(os.path.join(path, "replay_state.json"), "w") as f:   # History Resampling's record, epochs, tickets
             json.dump(snapshot["state"], f)
         save_held(os.path.join(path, "replay_held.msgpack"), snapshot["held"])
-        state = {"step": self.step, "version": self.version, "evals": self.evals,
+        state = {"step": self.step, "sft_step": self.sft_step, "version": self.version, "evals": self.evals,
                  "generators": ray.get([g.rng_state.remote() for g in self.roles.generators]),
                  "metrics_lines": len(metrics_lines(run_dir)), "config": to_dict(self.cfg)}
         with open(state_path + ".tmp", "w") as f:
@@ -419,6 +445,8 @@ class Trainer:
         held = load_held(os.path.join(path, "replay_held.msgpack"))
         ray.get(self.roles.buffer.restore_held.remote([(meta, [ray.put(tree)]) for meta, tree in held]))
         self.step, self.version, self.evals = state["step"], state["version"], state["evals"]
+        # Checkpoints from before SFT could be resumed were all written after it.
+        self.sft_step = state.get("sft_step", self.cfg.trainer.sft.steps)
         self.publish()
         return state
 
@@ -528,9 +556,13 @@ def run(cfg) -> dict:
             trainer.restore(resume)
         else:
             trainer.evals["eval_init"] = trainer.evaluate() if cfg.trainer.eval.initial else None
-            with tqdm(total=cfg.trainer.sft.steps, desc="sft", disable=not cfg.run.progress) as progress:
-                trainer.warm_start(log, progress)
-            trainer.evals["eval_before"] = trainer.evaluate()
+        if not resume or trainer.sft_step < cfg.trainer.sft.steps:   # a fresh run, or one stopped in SFT
+            with tqdm(total=cfg.trainer.sft.steps, initial=trainer.sft_step, desc="sft",
+                      disable=not cfg.run.progress) as progress:
+                trainer.warm_start(log, progress, start=trainer.sft_step)
+        if "eval_before" not in trainer.evals:
+            with trainer.guarded("sft"):
+                trainer.evals["eval_before"] = trainer.evaluate()
         with tqdm(total=cfg.trainer.total_steps, initial=trainer.step, desc="grpo",
                   disable=not cfg.run.progress) as progress:
             history += trainer.train_rl(log, progress, start=trainer.step)

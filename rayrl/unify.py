@@ -95,7 +95,7 @@ def train_base(cfg, run_dir: str, reuse_dir: str | None, log: MetricsLogger) -> 
     try:
         trainer = Trainer(scfg, roles, model)
         with tqdm(total=cfg.unify.base_sft_steps, desc="base", disable=not cfg.run.progress) as bar:
-            trainer.warm_start(log, bar, steps=cfg.unify.base_sft_steps)
+            trainer.warm_start(log, bar, steps=cfg.unify.base_sft_steps, phase=None)
         return trainer.checkpoint("base")
     finally:
         roles.shutdown()
@@ -215,7 +215,8 @@ def unify(cfg) -> dict:
             blog = MetricsLogger(os.path.join(run_dir, "offpolicy"))
             with tqdm(total=cfg.distill.steps, desc="off-policy baseline", disable=not cfg.run.progress) as bar:
                 baseline_history = trainer.warm_start(blog, bar, steps=cfg.distill.steps,
-                                                      batches=offpolicy_batches(cfg, experts, cfg.run.seed + 17))
+                                                      batches=offpolicy_batches(cfg, experts, cfg.run.seed + 17),
+                                                      phase=None)
             baseline = trainer.evaluate_domains()
             print(f"student after off-policy distillation, held-out: {format_scores(baseline)}", flush=True)
             blog.close()

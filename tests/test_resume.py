@@ -77,52 +77,76 @@ def test_a_resumed_run_ends_the_next_step_with_exactly_the_parameters_of_an_unst
     assert logged[K]["learner/mismatch_window_tokens"] > logged[K]["learner/onpolicy_tokens"] > 0
 
 
-def rl_steps_logged(run_dir) -> int:
-    """RL records in a running run's metrics.jsonl, counting only lines written whole."""
+def steps_logged(run_dir) -> list[int]:
+    """The steps of a running run's metrics.jsonl (SFT updates are -S+1 .. 0, RL steps 1 ..),
+    counting only lines written whole."""
     path = run_dir / "metrics.jsonl"
     lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-    return sum(json.loads(line)["step"] > 0 for line in lines if line.endswith("\n"))
+    return [json.loads(line)["step"] for line in lines if line.endswith("\n")]
+
+
+def stop_when(proc, run_dir, log, enough) -> str:
+    """SIGTERM the recipe once `enough(steps logged)`; returns its output once it has ended."""
+    try:
+        deadline = time.monotonic() + 300
+        while not enough(steps_logged(run_dir)):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    out = log.read_text()
+    assert proc.returncode != 0, out[-3000:]
+    return out
 
 
 @pytest.mark.slow
 def test_a_run_stopped_by_sigterm_saves_its_last_whole_step_and_resumes_from_it(tmp_path):
     """`ray job stop` sends the driver SIGTERM (Ctrl-C sends SIGINT; the same path). The run saves
-    the last step it finished, logged and whole, and `run.resume` continues from there."""
+    the last update it finished, logged and whole, in SFT or in RL, and `run.resume` continues
+    from there."""
     from tests.ray_head import ray_env
-    run_dir = tmp_path / "run"
-    settings = [*(s for s in SETTINGS if not s.startswith(("trainer.total_steps", "trainer.ckpt_every"))),
-                f"run.dir={run_dir}", "trainer.ckpt_every=0"]
+    run_dir, sft_steps = tmp_path / "run", 60
+    settings = [*(s for s in SETTINGS if not s.startswith(("trainer.total_steps", "trainer.ckpt_every",
+                                                           "trainer.sft.steps"))),
+                f"run.dir={run_dir}", "trainer.ckpt_every=0", f"trainer.sft.steps={sft_steps}"]
     recipe = [sys.executable, str(ROOT / "recipes" / "grpo.py")]
-    with ray_env() as env:
-        log = tmp_path / "stopped.log"   # a file, not a pipe: a full pipe would block the run
+    log = tmp_path / "stopped.log"   # a file, not a pipe: a full pipe would block the run
+
+    def start(*args):
         with open(log, "w") as sink:
-            proc = subprocess.Popen([*recipe, *settings, "trainer.total_steps=200"], cwd=ROOT, env=env,
-                                    stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 300
-            while rl_steps_logged(run_dir) < 2:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=300)
-        finally:
-            proc.kill()
-        out = log.read_text()
-        assert proc.returncode != 0, out[-3000:]
-        saved = sorted(os.listdir(run_dir / "checkpoints"))
-        assert len(saved) == 1 and saved[0].startswith("step_"), (saved, out[-3000:])
+            return subprocess.Popen([*recipe, *args], cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+
+    with ray_env() as env:
+        # Stopped in SFT: checkpoint sft_<k> of the last SFT update logged.
+        out = stop_when(start(*settings, "trainer.total_steps=200"), run_dir, log, lambda steps: len(steps) >= 3)
+        saved = os.listdir(run_dir / "checkpoints")
+        assert len(saved) == 1 and saved[0].startswith("sft_"), (saved, out[-3000:])
         state = json.load(open(run_dir / "checkpoints" / saved[0] / "trainer_state.json"))
+        sft_done = state["sft_step"]
+        assert (state["step"], saved[0]) == (0, f"sft_{sft_done}") and 3 <= sft_done < sft_steps, out[-3000:]
+        assert f"stopped after SFT step {sft_done} (KeyboardInterrupt: SIGTERM): saving" in out, out[-3000:]
+        assert steps_logged(run_dir) == list(range(-sft_steps + 1, -sft_steps + sft_done + 1))
+
+        # Resumed, it finishes SFT with the updates it had not made, then is stopped in RL.
+        out = stop_when(start(f"run.resume={run_dir}", "trainer.total_steps=200", "run.progress=false"),
+                        run_dir, log, lambda steps: sum(s > 0 for s in steps) >= 2)
+        saved = sorted(os.listdir(run_dir / "checkpoints"))
+        assert len(saved) == 2 and saved[1].startswith("step_"), (saved, out[-3000:])
+        state = json.load(open(run_dir / "checkpoints" / saved[1] / "trainer_state.json"))
         stopped_at = state["step"]
         assert f"stopped after step {stopped_at} (KeyboardInterrupt: SIGTERM): saving" in out, out[-3000:]
         # The checkpoint is of the last logged step: nothing trained after it, nothing missing before it.
-        assert stopped_at >= 2 and [r["step"] for r in rl_records(run_dir)] == list(range(1, stopped_at + 1))
+        assert stopped_at >= 2 and steps_logged(run_dir) == list(range(-sft_steps + 1, stopped_at + 1))
         assert state["metrics_lines"] == len(open(run_dir / "metrics.jsonl").readlines())
+        assert state["sft_step"] == sft_steps and state["evals"]["eval_before"] is not None
 
         resumed = subprocess.run([*recipe, f"run.resume={run_dir}", f"trainer.total_steps={stopped_at + 1}",
                                   "run.progress=false"], cwd=ROOT, env=env, text=True, capture_output=True,
                                  timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert [r["step"] for r in rl_records(run_dir)] == list(range(1, stopped_at + 2))
+    assert steps_logged(run_dir) == list(range(-sft_steps + 1, stopped_at + 2))
     assert not (run_dir / "metrics.lost.jsonl").exists()
     assert (run_dir / "checkpoints" / "final" / "trainer_state.json").exists()
 
