@@ -453,27 +453,43 @@ def latest_checkpoint(run_dir: str) -> str:
 
 
 def check_resume(cfg) -> str | None:
-    """With run.resume set: the checkpoint the run continues from, once this config is checked to
-    be one that may continue it (RESUME_MAY_CHANGE); None without run.resume."""
+    """With run.resume set: what the run continues from, once this config is checked to be one
+    that may continue it (RESUME_MAY_CHANGE): the latest complete checkpoint (grpo, train_expert),
+    or for unify_distill the run directory, whose config.json it compares with. None without
+    run.resume."""
     if not cfg.run.resume:
         return None
-    if hasattr(cfg, "srpo") or hasattr(cfg, "unify"):
-        raise ConfigError("run.resume: only the GRPO recipes (grpo, train_expert) resume a run; "
-                          "srpo and unify_distill start over")
+    if hasattr(cfg, "srpo"):
+        raise ConfigError("run.resume: srpo starts over; the recipes that resume a run are grpo, train_expert "
+                          "and unify_distill")
+    if hasattr(cfg, "unify"):
+        if cfg.unify.reuse:
+            raise ConfigError(f"run.resume={cfg.run.resume!r} and unify.reuse={cfg.unify.reuse!r}: a resumed run "
+                              "reuses what its own directory holds; give one of them")
+        path = os.path.join(expand(cfg.run.resume), "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"run.resume={cfg.run.resume!r}: no unify_distill run there (no config.json)")
+        with open(path) as f:
+            check_same_settings(cfg, json.load(f), path)
+        return expand(cfg.run.resume)
     path = latest_checkpoint(cfg.run.resume)
     with open(os.path.join(path, "trainer_state.json")) as f:
-        saved = _flatten(json.load(f)["config"])
-    current = _flatten(to_dict(cfg))
+        check_same_settings(cfg, json.load(f)["config"], f"checkpoint {path}")
+    return path
+
+
+def check_same_settings(cfg, saved: dict, where: str) -> None:
+    """ConfigError unless `cfg` has the `saved` config's settings, but for RESUME_MAY_CHANGE."""
+    saved, current = _flatten(saved), _flatten(to_dict(cfg))
     differ = [k for k in sorted(set(saved) | set(current))
               if saved.get(k, _MISSING) != current.get(k, _MISSING)
               and not any(k == m or k.startswith(m + ".") for m in RESUME_MAY_CHANGE)]
     if differ:
-        shown = "; ".join(f"{k}: checkpoint {saved.get(k, '(none)')!r}, this run {current.get(k, '(none)')!r}"
+        shown = "; ".join(f"{k}: saved {saved.get(k, '(none)')!r}, this run {current.get(k, '(none)')!r}"
                           for k in differ[:5])
-        raise ConfigError(f"run.resume={cfg.run.resume!r}: checkpoint {path} was written under other settings "
+        raise ConfigError(f"run.resume={cfg.run.resume!r}: {where} was written under other settings "
                           f"({shown}{'; ...' if len(differ) > 5 else ''}); a resumed run may change only "
                           f"{', '.join(RESUME_MAY_CHANGE)}")
-    return path
 
 
 def _validate_run(cfg) -> None:

@@ -382,7 +382,8 @@ class Trainer:
         except BaseException as save_err:   # a second Ctrl-C, or the failure took a role with it
             print(f"could not save it: {type(save_err).__name__}: {save_err}", flush=True)
             return
-        print(f"saved; `run.resume={run_dir}` continues it (recipes grpo, train_expert)", flush=True)
+        print(f"saved; `run.resume={run_dir}` continues it (grpo, train_expert; unify_distill resumes its own run "
+              "directory)", flush=True)
 
     def step_record(self, batch: list, stats: dict, timing: dict) -> dict:
         rewards = [r for m, _ in batch for r in m["rewards"] if r is not None]
@@ -503,32 +504,37 @@ def archive_previous_run(run_dir: str) -> str | None:
     return None
 
 
-def rewind_metrics(run_dir: str, checkpoint: str) -> int:
-    """Cut metrics.jsonl back to what had been logged when `checkpoint` was written; the records
-    after it (steps whose effect the interruption lost, about to run again) go to the end of
-    metrics.lost.jsonl. Returns how many moved."""
+def checkpoint_metrics_lines(checkpoint: str) -> int:
+    """How many lines metrics.jsonl had when `checkpoint` was written."""
     with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-        keep = json.load(f)["metrics_lines"]
+        return json.load(f)["metrics_lines"]
+
+
+def rewind_metrics(run_dir: str, keep: int) -> int:
+    """Cut metrics.jsonl back to its first `keep` lines (what had been logged when the checkpoint a
+    run resumes from was written); the records after them (steps whose effect the interruption
+    lost, about to run again) go to the end of metrics.lost.jsonl. Returns how many moved."""
     lines = metrics_lines(run_dir)
     if len(lines) > keep:
         with open(os.path.join(run_dir, "metrics.lost.jsonl"), "a") as f:
             f.writelines(lines[keep:])
         with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
             f.writelines(lines[:keep])
-        print(f"resuming from {checkpoint}: {len(lines) - keep} records logged after it moved to metrics.lost.jsonl")
+        print(f"resuming {run_dir}: {len(lines) - keep} records logged after the point it continues from "
+              "moved to metrics.lost.jsonl")
     return len(lines) - keep
 
 
-def start_run(cfg, resume: str | None = None) -> tuple[str, MetricsLogger, str | None]:
+def start_run(cfg, keep_lines: int | None = None) -> tuple[str, MetricsLogger, str | None]:
     """A fresh run directory (an earlier run in it is moved aside), Ray, the metrics log and the
-    config as run: (run dir, log, where the earlier run went). `resume`: the checkpoint (of the run
-    in run.dir) that the run continues from: the directory stays, its metrics rewound to it."""
+    config as run: (run dir, log, where the earlier run went). `keep_lines` (a resumed run): the
+    directory stays, its metrics cut back to that many lines."""
     run_dir = expand(cfg.run.dir)
-    if cfg.run.resume and not resume:
-        raise ValueError(f"run.resume={cfg.run.resume!r}, but this entry point does not resume runs (pipeline.run does)")
-    if resume:
-        rewind_metrics(run_dir, resume)
-    moved = None if resume else archive_previous_run(run_dir)
+    if cfg.run.resume and keep_lines is None:
+        raise ValueError(f"run.resume={cfg.run.resume!r}, but this entry point does not resume runs")
+    if keep_lines is not None:
+        rewind_metrics(run_dir, keep_lines)
+    moved = None if keep_lines is not None else archive_previous_run(run_dir)
     init_ray(cfg.run)
     log = MetricsLogger(run_dir)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
@@ -544,7 +550,7 @@ def run(cfg) -> dict:
     resume = check_resume(cfg)   # the checkpoint to continue from, or None
     if resume:
         cfg = replace(cfg, run=replace(cfg.run, dir=cfg.run.resume))
-    run_dir, log, _ = start_run(cfg, resume)
+    run_dir, log, _ = start_run(cfg, checkpoint_metrics_lines(resume) if resume else None)
     # Resumed: the RL steps logged before the checkpoint, for the summary.
     history = [r for r in map(json.loads, metrics_lines(run_dir)) if r["step"] > 0]
     model_path = resolve_model_path(cfg.model)

@@ -24,10 +24,11 @@ import time
 import numpy as np
 import ray
 
-from rayrl.config import expand
+from rayrl.config import GRPOConfig, check_resume, expand, latest_checkpoint
 from rayrl.metrics import MetricsLogger
 from rayrl.models import resolve_model_path
-from rayrl.pipeline import Trainer, evaluate_domains, kill_closed, role_options, run, spawn, start_run
+from rayrl.pipeline import (Trainer, checkpoint_metrics_lines, evaluate_domains, kill_closed, metrics_lines,
+                            role_options, run, spawn, start_run)
 from rayrl.rollout.generator import RolloutGenerator
 from rayrl.rollout.teacher import Teacher
 
@@ -38,13 +39,30 @@ def domain_task(cfg, domain: str):
     return task
 
 
-def expert_config(cfg, domain: str, run_dir: str, base: str):
-    sub = copy.deepcopy(cfg)
+def expert_config(cfg, domain: str, run_dir: str, base: str) -> GRPOConfig:
+    """A GRPO run of the domain from the base, in run_dir/experts/<domain>; it continues the
+    checkpoint found there if the unify run is a resumed one."""
+    sub = GRPOConfig(**{name: copy.deepcopy(getattr(cfg, name)) for name in GRPOConfig.__dataclass_fields__})
     sub.task = domain_task(cfg, domain)
     sub.run.dir = os.path.join(run_dir, "experts", domain)
+    sub.run.resume = sub.run.dir if cfg.run.resume and complete_checkpoints(sub.run.dir) else ""
     sub.model.path = base
     sub.trainer.eval.initial = False    # the base's score is the student's "before", measured once
     return sub
+
+
+def complete_checkpoints(run_dir: str, names: tuple[str, ...] | None = None) -> list[str]:
+    """The checkpoints of run_dir (those named `names`, if given) that were written whole."""
+    root = os.path.join(run_dir, "checkpoints")
+    return [os.path.join(root, n) for n in (sorted(os.listdir(root)) if os.path.isdir(root) else [])
+            if (names is None or n in names) and os.path.isfile(os.path.join(root, n, "trainer_state.json"))]
+
+
+def distillation_checkpoint(run_dir: str) -> str | None:
+    """The on-policy distillation's checkpoint furthest in (step_<N>, student_final), if any."""
+    found = [(json.load(open(os.path.join(c, "trainer_state.json")))["step"], c)
+             for c in complete_checkpoints(run_dir) if os.path.basename(c).startswith(("step_", "student_final"))]
+    return max(found)[1] if found else None
 
 
 def reused_expert(cfg, domain: str, reuse_dir: str | None) -> dict | None:
@@ -57,7 +75,7 @@ def reused_expert(cfg, domain: str, reuse_dir: str | None) -> dict | None:
     if reuse_dir:
         expert_dir = os.path.join(reuse_dir, "experts", domain)
         path = os.path.join(expert_dir, "checkpoints", "final")
-        if os.path.isfile(os.path.join(path, "config.json")):
+        if complete_checkpoints(expert_dir, ("final",)):
             summary = os.path.join(expert_dir, "summary.json")
             score = json.load(open(summary)).get("eval_after") if os.path.isfile(summary) else None
             return {"path": path, "eval": score if same_evaluation(cfg, expert_dir) else None}
@@ -82,7 +100,7 @@ def train_base(cfg, run_dir: str, reuse_dir: str | None, log: MetricsLogger) -> 
     `unify.base_sft_steps` of SFT on the domain mixture."""
     from tqdm import tqdm
 
-    if reuse_dir and os.path.isfile(os.path.join(reuse_dir, "checkpoints", "base", "config.json")):
+    if reuse_dir and complete_checkpoints(reuse_dir, ("base",)):
         path = os.path.join(reuse_dir, "checkpoints", "base")
         print(f"base: reusing {path}", flush=True)
         return path
@@ -109,9 +127,11 @@ def train_experts(cfg, run_dir: str, reuse_dir: str | None, base: str) -> dict[s
             print(f"[{i}/{len(cfg.unify.domains)}] expert {domain}: reusing {found['path']}", flush=True)
             experts[domain] = found
             continue
+        sub = expert_config(cfg, domain, run_dir, base)
         print(f"[{i}/{len(cfg.unify.domains)}] expert {domain}: SFT {cfg.trainer.sft.steps} steps, "
-              f"GRPO {cfg.trainer.total_steps} steps", flush=True)
-        summary = run(expert_config(cfg, domain, run_dir, base))
+              f"GRPO {cfg.trainer.total_steps} steps" + (f", resumed from {latest_checkpoint(sub.run.dir)}"
+                                                          if sub.run.resume else ""), flush=True)
+        summary = run(sub)
         print(f"expert {domain}: held-out {summary['eval_before']:.3f} after SFT, {summary['eval_after']:.3f} "
               f"after GRPO ({summary['wall_s']:.0f} s)", flush=True)
         experts[domain] = {"path": summary["checkpoint"], "eval": summary["eval_after"],
@@ -170,10 +190,22 @@ def offpolicy_batches(cfg, experts: dict[str, dict], seed: int):
 def unify(cfg) -> dict:
     from tqdm import tqdm
 
-    run_dir, log, moved = start_run(cfg)
-    reuse_dir = expand(cfg.unify.reuse) if cfg.unify.reuse else None
-    if reuse_dir == run_dir:
-        reuse_dir = moved
+    resume = check_resume(cfg)   # a resumed run's directory: what it holds whole is kept, the rest redone
+    if resume:
+        cfg = copy.deepcopy(cfg)
+        cfg.run.dir = resume
+        distilled = distillation_checkpoint(resume)
+        # The metrics up to the last whole phase: the distillation's checkpoint, else the base's.
+        kept = distilled or next(iter(complete_checkpoints(resume, ("base",))), None)
+        run_dir, log, _ = start_run(cfg, checkpoint_metrics_lines(kept) if kept else 0)
+        reuse_dir = run_dir
+        print(f"resuming {run_dir}: whole checkpoints are reused or continued, the rest is done again", flush=True)
+    else:
+        distilled = None
+        run_dir, log, moved = start_run(cfg)
+        reuse_dir = expand(cfg.unify.reuse) if cfg.unify.reuse else None
+        if reuse_dir == run_dir:
+            reuse_dir = moved
     start = time.time()
     base = train_base(cfg, run_dir, reuse_dir, log)
     base_s = time.time() - start
@@ -190,11 +222,19 @@ def unify(cfg) -> dict:
     roles = spawn(scfg, base)
     try:
         trainer = Trainer(scfg, roles, base)
-        before = trainer.evaluate_domains()
+        if distilled:
+            trainer.restore(distilled)
+            print(f"on-policy distillation: resumed from {distilled} (step {trainer.step})", flush=True)
+        else:
+            trainer.evals["student_before"] = trainer.evaluate_domains()   # kept with the checkpoints
+        before = trainer.evals["student_before"]
         print(f"student (the base), held-out: {format_scores(before)}", flush=True)
-        with tqdm(total=cfg.distill.steps, desc="on-policy distillation", disable=not cfg.run.progress) as bar:
-            history = trainer.train_rl(log, bar, steps=cfg.distill.steps, lr=cfg.distill.lr, teachers=teachers,
-                                       rl_weight=cfg.distill.rl_weight)
+        history = [r for r in map(json.loads, metrics_lines(run_dir)) if r["step"] > 0]   # resumed: steps before
+        with tqdm(total=cfg.distill.steps, initial=trainer.step, desc="on-policy distillation",
+                  disable=not cfg.run.progress) as bar:
+            if trainer.step < cfg.distill.steps:
+                history += trainer.train_rl(log, bar, steps=cfg.distill.steps, lr=cfg.distill.lr, teachers=teachers,
+                                            rl_weight=cfg.distill.rl_weight, start=trainer.step)
         student = trainer.checkpoint("student_final")   # before the evaluation, which may fail
         after = trainer.evaluate_domains()
         print(f"student after on-policy distillation, held-out: {format_scores(after)}", flush=True)
@@ -212,6 +252,9 @@ def unify(cfg) -> dict:
             bcfg = copy.deepcopy(scfg)
             bcfg.trainer.sft.lr = cfg.distill.baseline_lr
             trainer.cfg = bcfg
+            if resume and metrics_lines(os.path.join(run_dir, "offpolicy")):   # it starts over
+                os.replace(os.path.join(run_dir, "offpolicy", "metrics.jsonl"),
+                           os.path.join(run_dir, "offpolicy", "metrics.lost.jsonl"))
             blog = MetricsLogger(os.path.join(run_dir, "offpolicy"))
             with tqdm(total=cfg.distill.steps, desc="off-policy baseline", disable=not cfg.run.progress) as bar:
                 baseline_history = trainer.warm_start(blog, bar, steps=cfg.distill.steps,

@@ -101,7 +101,8 @@ def ray_head(num_cpus: int = 8):
     `ray start --block` in a session of its own, stopped by signalling that process group. The
     token is given to the head and the CLI alike: with none in ~/.ray yet (a fresh machine), a
     submission racing the head's start-up wrote a token of its own and was refused."""
-    with ray_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16)) as env:
+    # `ray job stop` gives a job's driver this long to save before SIGKILL (the cluster manifests' value).
+    with ray_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), RAY_JOB_STOP_WAIT_TIME_S="300") as env:
         dashboard = free_port()
         # The test session's own Ray already holds the dashboard agent's 52365, and a head whose
         # agent cannot bind answers every submission with "No available agent".

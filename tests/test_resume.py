@@ -187,14 +187,14 @@ def test_a_bad_resume_is_refused_before_anything_starts(tmp_path):
     (run_dir / "checkpoints" / "step_3" / "trainer_state.json").write_text(
         json.dumps({"step": 3, "config": to_dict(original)}))
     (run_dir / "config.json").write_text(json.dumps(to_dict(original)))
-    with pytest.raises(ConfigError, match=r"trainer.lr: checkpoint 1e-05, this run 0.0005"):
+    with pytest.raises(ConfigError, match=r"trainer.lr: saved 1e-05, this run 0.0005"):
         load(GRPOConfig, str(RECIPE_YAML), [f"run.resume={run_dir}"])
-    with pytest.raises(ConfigError, match="learner.num_workers: checkpoint 2, this run 1"):
+    with pytest.raises(ConfigError, match="learner.num_workers: saved 2, this run 1"):
         load(GRPOConfig, str(RECIPE_YAML), [f"run.resume={run_dir}", "trainer.lr=1e-5", "learner.num_workers=1"])
     # The recipes continue the run as it was configured (its config.json), with allowed changes.
     resumed = load_recipe(GRPOConfig, str(RECIPE_YAML), [f"run.resume={run_dir}", "trainer.total_steps=99"])
     assert resumed.trainer.lr == 1e-5 and resumed.trainer.total_steps == 99
-    with pytest.raises(ConfigError, match="only the GRPO recipes"):
+    with pytest.raises(ConfigError, match="srpo starts over"):
         load(SRPOConfig, str(ROOT / "recipes" / "srpo.yaml"), [f"run.resume={run_dir}"])
     with pytest.raises(ConfigError, match="run.deterministic=true needs replay.max_staleness=0"):
         load(GRPOConfig, str(RECIPE_YAML), ["run.deterministic=true", "replay.max_staleness=1"])

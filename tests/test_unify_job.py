@@ -1,30 +1,63 @@
 """Specialize-then-Unify end to end through `ray job submit` against a local head.
 
-Two domains, a few steps: the experts are trained, the student is distilled from them on its own
-samples, the job must end SUCCEEDED, and the student's reverse KL to its teachers must fall.
+Two domains, a few steps: the experts are trained (the job stopped during the first and submitted
+again to resume), the student is distilled from them on its own samples, the job must end
+SUCCEEDED, and the student's reverse KL to its teachers must fall.
 """
 
 import json
+import os
 import re
+import subprocess
 
 import pytest
 
 from tests.ray_head import ray_head
 
 
+def records(path) -> list[dict]:
+    """The whole lines of a (running) run's metrics.jsonl."""
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    return [json.loads(line) for line in lines if line.endswith("\n")]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_unify_distill_through_ray_job_submit(tmp_path):
+def test_unify_distill_through_ray_job_submit_stopped_and_resumed(tmp_path):
+    """The job is stopped (`ray job stop`) while its first expert trains, then submitted again with
+    run.resume: it reuses the base, continues that expert from its last step, and completes."""
     run_dir = tmp_path / "unify"
-    args = ["unify.domains=[terminal,general]", "trainer.sft.steps=60", "trainer.total_steps=2",
+    args = ["unify.domains=[terminal,general]", "trainer.sft.steps=60", "trainer.total_steps=4",
             "task.eval_size=8", "unify.base_sft_steps=30", "distill.steps=16", "distill.lr=1e-3",
             "distill.baseline=false", "run.progress=false", f"run.dir={run_dir}"]
+    expert_metrics = run_dir / "experts" / "terminal" / "metrics.jsonl"
     with ray_head() as head:
-        status, logs = head.wait(head.submit(["python", "recipes/unify_distill.py", *args]), timeout_s=1300)
+        job = head.submit(["python", "recipes/unify_distill.py", *args])
+
+        def stop_in_expert_rl():
+            if any(r["step"] > 0 for r in records(expert_metrics)):
+                subprocess.run([head.cli, "job", "stop", "--address", head.address, "--no-wait", job], env=head.env,
+                               capture_output=True, timeout=60)
+        status, logs = head.wait(job, timeout_s=600, poll=stop_in_expert_rl)
+        assert re.search(r"stopped", status, re.I), status + logs[-4000:]
+        saved = [c for c in os.listdir(run_dir / "experts" / "terminal" / "checkpoints") if c.startswith("step_")]
+        assert len(saved) == 1, logs[-4000:]
+        stopped_at = int(saved[0].split("_")[1])
+        assert 1 <= stopped_at < 4 and "saving" in logs, logs[-4000:]
+        base_records = [r["step"] for r in records(run_dir / "metrics.jsonl")]
+
+        status, logs = head.wait(head.submit(["python", "recipes/unify_distill.py", f"run.resume={run_dir}"]),
+                                 timeout_s=1000)
     assert re.search(r"succeeded", status, re.I), status + logs[-4000:]
+    assert "base: reusing" in logs and f"resumed from {run_dir}/experts/terminal/checkpoints/{saved[0]}" in logs, \
+        logs[-4000:]
+    # The expert's steps and the base's SFT updates are each logged once, as in an unstopped run.
+    assert [r["step"] for r in records(expert_metrics) if r["step"] > 0] == [1, 2, 3, 4]
+    assert base_records == list(range(-29, 1))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["domains"]) == {"terminal", "general"}
-    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = records(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in history] == base_records + list(range(1, 17))
     kl = [h["reverse_kl"] for h in history if "reverse_kl" in h]
     assert len(kl) == 16
     # The student moves toward its teachers. Over 8 updates at 2e-4 the fall (if any) was within the
@@ -35,6 +68,20 @@ def test_unify_distill_through_ray_job_submit(tmp_path):
     assert "Task was destroyed but it is pending" not in logs, logs[-4000:]
 
 
+def test_a_unify_run_resumes_only_as_it_was_configured(tmp_path):
+    from rayrl.config import ConfigError, UnifyConfig, load, to_dict
+    run_dir = tmp_path / "unify"
+    with pytest.raises(ConfigError, match="no unify_distill run there"):
+        load(UnifyConfig, None, [f"run.resume={run_dir}"])
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(to_dict(load(UnifyConfig, None, ["distill.lr=1e-4"]))))
+    with pytest.raises(ConfigError, match=r"distill.lr: saved 0.0001, this run 0.0005"):
+        load(UnifyConfig, None, [f"run.resume={run_dir}"])
+    with pytest.raises(ConfigError, match="give one of them"):
+        load(UnifyConfig, None, [f"run.resume={run_dir}", "distill.lr=1e-4", f"unify.reuse={run_dir}"])
+    assert load(UnifyConfig, None, [f"run.resume={run_dir}", "distill.lr=1e-4", "run.progress=false"])
+
+
 def test_a_reused_experts_score_counts_only_if_measured_the_same_way(tmp_path):
     from rayrl.config import UnifyConfig, load
     from rayrl.unify import reused_expert
@@ -42,6 +89,8 @@ def test_a_reused_experts_score_counts_only_if_measured_the_same_way(tmp_path):
     expert_dir = tmp_path / "experts" / "terminal"
     (expert_dir / "checkpoints" / "final").mkdir(parents=True)
     (expert_dir / "checkpoints" / "final" / "config.json").write_text("{}")
+    assert reused_expert(load(UnifyConfig, None, []), "terminal", str(tmp_path)) is None   # not written whole
+    (expert_dir / "checkpoints" / "final" / "trainer_state.json").write_text("{}")
     (expert_dir / "summary.json").write_text(json.dumps({"eval_after": 0.4}))
     (expert_dir / "config.json").write_text(json.dumps(
         {"task": {"eval_size": 40}, "trainer": {"eval": {"temperature": 0.0, "samples": 1}}}))
