@@ -1,6 +1,7 @@
 """WebCoding tasks graded in headless Chromium: every oracle page scores 1.0 (directly and as the
 answer turn of a full episode under both scaffolds); wrong pages score 0 for the right reason."""
 
+import os
 import random
 
 import pytest
@@ -118,6 +119,21 @@ async def test_a_hung_page_times_out_and_the_browser_recovers(tmp_path):
         assert (await env.verify(heading, env.demonstration(heading)))[0] == 1.0
     finally:
         await env.aclose()
+
+
+@needs_chromium
+async def test_an_env_keeps_its_newest_screenshots_and_leaves_nothing_after_close():
+    """Without a screenshot_dir the env keeps the newest few in a temp dir of its own; closed, it
+    leaves no screenshots, browser profile, socket dir or served pages behind."""
+    env = WebCodingEnv(keep_screenshots=2, timeout_s=15.0)
+    heading = _task(env, "web-heading")
+    shots = [(await env.verify(heading, env.demonstration(heading)))[1]["screenshot"] for _ in range(3)]
+    browser = env._browser
+    socket_dir = os.path.dirname(os.readlink(os.path.join(browser._profile, "SingletonSocket")))
+    made = [os.path.dirname(shots[0]), browser._profile, socket_dir, str(browser.server.root)]
+    assert [os.path.exists(s) for s in shots] == [False, True, True] and all(map(os.path.isdir, made))
+    await env.aclose()
+    assert not any(map(os.path.exists, made)), made
 
 
 def test_extract_html():

@@ -30,10 +30,12 @@ every feature combination) do, with other wording.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import json
 import random
 import re
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -260,17 +262,23 @@ def generate_tiny(rng: random.Random) -> dict:
 
 class WebCodingEnv(GeneratedEnv):
     """Grades pages in one shared headless Chromium (started lazily on the running event loop,
-    restarted if it dies); at most `concurrency` pages are graded at once."""
+    restarted if it dies); at most `concurrency` pages are graded at once.
+
+    Every grade saves a screenshot. In `screenshot_dir`, if given, they are all kept; otherwise
+    in a temporary dir of the env's own that holds the newest `keep_screenshots` (a training run
+    grades thousands of pages) and is removed by `aclose()`."""
 
     domain = "webcoding"
 
     def __init__(self, cfg=None, seed: int = 0, screenshot_dir: str | Path | None = None,
-                 timeout_s: float = 20.0, concurrency: int = 4):
+                 timeout_s: float = 20.0, concurrency: int = 4, keep_screenshots: int = 256):
         super().__init__(getattr(cfg, "tool_latency", "none"), seed)
         self.difficulty = getattr(cfg, "webcoding_difficulty", 1)
         self.eval_fraction = getattr(cfg, "eval_fraction", 0.2)
         self.timeout_s, self.concurrency = timeout_s, concurrency
         self.screenshot_dir = Path(screenshot_dir) if screenshot_dir else None
+        self._own_shots: collections.deque[Path] | None = None   # the own dir's shots, oldest first
+        self.keep_screenshots = keep_screenshots
         self._browser: Browser | None = None
         self._loop = None
         self._sem: asyncio.Semaphore | None = None
@@ -328,7 +336,12 @@ class WebCodingEnv(GeneratedEnv):
             browser = await self._get_browser()
             if self.screenshot_dir is None:
                 self.screenshot_dir = Path(tempfile.mkdtemp(prefix="rayrl-webcoding-shots-"))
+                self._own_shots = collections.deque()
             shot = self.screenshot_dir / f"{task.id}-{uuid.uuid4().hex[:8]}.png"
+            if self._own_shots is not None:
+                self._own_shots.append(shot)
+                while len(self._own_shots) > self.keep_screenshots:
+                    self._own_shots.popleft().unlink(missing_ok=True)
             async with self._sem:
                 return await grade(browser, html, task.meta["checks"], shot, timeout=self.timeout_s)
         except BrowserError as err:
@@ -341,3 +354,6 @@ class WebCodingEnv(GeneratedEnv):
             else:
                 self._browser.kill_now()
             self._browser = None
+        if self._own_shots is not None:
+            shutil.rmtree(self.screenshot_dir, ignore_errors=True)
+            self.screenshot_dir, self._own_shots = None, None

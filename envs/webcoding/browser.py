@@ -6,7 +6,7 @@ Isolation: the model's HTML/CSS/JS runs only inside Chromium's renderer. As root
 - pages are served by our own HTTP server bound to 127.0.0.1 only (an ephemeral port), only from
   a private temp dir, with a size cap;
 - Chromium runs with `--disable-background-networking` and friends, a fresh empty
-  `--user-data-dir` (removed on close), and every non-loopback request goes to a dead proxy
+  `--user-data-dir` (removed on close, with the socket dir Chromium makes for it), and every non-loopback request goes to a dead proxy
   (`--proxy-server=127.0.0.1:9`), so a page cannot reach beyond this machine;
 - each grade runs in its own browser context (no shared storage or cookies) with a wall-clock
   timeout; a page that hangs the renderer gets its target closed, and the whole browser is
@@ -220,9 +220,20 @@ class Browser:
                     pass
             await asyncio.get_running_loop().run_in_executor(None, self.proc.wait)
             self.proc = None
-        if self._profile:
-            shutil.rmtree(self._profile, ignore_errors=True)
-            self._profile = None
+        self._remove_profile()
+
+    def _remove_profile(self) -> None:
+        """The profile dir, and the socket dir Chromium made for it in /tmp, which only Chromium's
+        own orderly exit removes (org.chromium.Chromium.*, one per start, left by every kill)."""
+        if not self._profile:
+            return
+        link = Path(self._profile) / "SingletonSocket"
+        if link.is_symlink():
+            socket_dir = Path(os.readlink(link)).parent
+            if socket_dir.name.startswith("org.chromium.Chromium."):
+                shutil.rmtree(socket_dir, ignore_errors=True)
+        shutil.rmtree(self._profile, ignore_errors=True)
+        self._profile = None
 
     def kill_now(self) -> None:
         """Synchronous last resort (e.g. the event loop that started it is gone): kill the
@@ -234,10 +245,8 @@ class Browser:
                 pass
             self.proc.wait()
         self.proc, self.cdp = None, None
-        for d in (self._profile, str(self.server.root)):
-            if d:
-                shutil.rmtree(d, ignore_errors=True)
-        self._profile = None
+        self._remove_profile()
+        shutil.rmtree(self.server.root, ignore_errors=True)
 
     async def restart(self) -> None:
         async with self._lock:
