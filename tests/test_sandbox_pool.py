@@ -185,7 +185,7 @@ def test_router_spreads_leases_over_node_pools():
 
 async def test_generators_and_graders_close_the_pools_they_made_and_leave_shared_ones():
     """Roles.shutdown closes them before the kill (rayrl.pipeline.kill_closed): a pool's background
-    task then ends cleanly and its sandboxes are gone."""
+    task and a generator's serving task then end cleanly, and the sandboxes are gone."""
     from rayrl.config import GRPOConfig
     from rayrl.models import resolve_model_path
     from rayrl.reward.grader import RewardGrader
@@ -201,7 +201,10 @@ async def test_generators_and_graders_close_the_pools_they_made_and_leave_shared
     for p in [*own, shared]:
         await p.release(await p.lease())       # a warm sandbox, and the pool's background task
         assert p.stats()["live"] == 1 and not p._tasks[0].done()
+    gen._ensure_serving()                      # the engine's serving task, as after any rollout
+    serving = gen._serve_task
     await gen.close()
+    assert serving.done() and gen._serve_task is None
     await grader.close()
     await beside.close()
     await asyncio.sleep(0)

@@ -289,8 +289,13 @@ class RolloutGenerator:
         self._running = False
 
     async def close(self) -> None:
-        """Before the actor is killed (Roles.shutdown): closes the browser and this generator's own
-        sandbox pool, whose background task a kill would leave to die mid-await."""
+        """Before the actor is killed (Roles.shutdown): ends the engine's serving task and closes
+        the browser and this generator's own sandbox pool, whose background tasks a kill would
+        leave to die mid-await ("Task was destroyed but it is pending!")."""
+        if self._serve_task is not None:
+            self._serve_task.cancel()
+            await asyncio.gather(self._serve_task, return_exceptions=True)
+            self._serve_task = None
         await close_env(self.env, self.own_pool)
 
     def stats(self) -> dict:
