@@ -94,6 +94,8 @@ class _Batcher:
                                                replace(params, max_new_tokens=budget))
             self.busy_s += time.perf_counter() - start
             for (_, request, fut), out in zip(group, outs):
+                if fut.done():   # its episode was cancelled (a stopped run) while the engine ran
+                    continue
                 if len(out.tokens) > request.max_new_tokens:
                     n, cut = request.max_new_tokens, len(out.tokens) - request.max_new_tokens
                     out = Completion(out.tokens[:n], out.logprobs[:n], "length", out.version,
@@ -135,6 +137,7 @@ class RolloutGenerator:
                                     max_new_tokens=rollout_cfg.max_new_tokens)
         self.batcher = _Batcher(self.engine, rollout_cfg.max_batch)
         self._serve_task: asyncio.Task | None = None
+        self._workers: asyncio.Future | None = None   # run()'s rollout workers
         self._running = False
         self.groups = 0
         self.env_s = 0.0
@@ -282,11 +285,21 @@ class RolloutGenerator:
                 graded, meta = grader.grade.options(num_returns=2).remote(tree)
                 await buffer.put.remote(meta, [graded], ticket["index"])
 
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        self._workers = asyncio.gather(*(worker(i) for i in range(concurrency)))
+        try:
+            await self._workers
+        except asyncio.CancelledError:
+            if self._running:   # not our stop: the actor itself is being cancelled
+                raise
         return self.groups
 
     def stop(self) -> None:
+        """Ends `run` at once: the groups in flight would come after the run's last step, so their
+        episodes are cancelled (each releases its sandbox) rather than finished; their tickets
+        stay in flight in the buffer, which re-issues them if the run is resumed."""
         self._running = False
+        if self._workers is not None:
+            self._workers.cancel()
 
     async def close(self) -> None:
         """Before the actor is killed (Roles.shutdown): ends the engine's serving task and closes
