@@ -116,3 +116,24 @@ def test_scaffolds_are_selectable_by_name_and_take_the_environment_tools():
         assert scaffold.parse(scaffold.render(Action("answer", {"answer": "x"}))) == Action("answer", {"answer": "x"})
         assert scaffold.parse(get_scaffold(name).render(Action("shell", {"cmd": "ls"}))).kind == "invalid"
 
+
+
+async def test_sampled_groups_are_scored_in_their_environment_unless_told_not_to():
+    """Off-policy distillation's teacher samples (`sample_groups(score=False)`) skip the
+    environment's scoring, which SFT never reads; by default agent episodes are scored."""
+    from rayrl.rollout.generator import RolloutGenerator
+    cfg = GRPOConfig()
+    cfg.task.name, cfg.rollout.scaffold, cfg.rollout.group_size = "general", "xml", 2
+    cfg.rollout.max_new_tokens, cfg.rollout.max_turns = 16, 2
+    gen = RolloutGenerator(resolve_model_path(cfg.model), cfg.rollout, cfg.task)
+    scored = await gen.sample_groups(2, seed=1)
+    assert [len(m["rewards"]) for m, _ in scored] == [2, 2]
+    assert all(isinstance(r, float) for m, _ in scored for r in m["rewards"])
+
+    async def no_scoring(*args):
+        raise AssertionError("scored")
+    gen.env.score = no_scoring
+    unscored = await gen.sample_groups(2, seed=1, score=False)
+    assert [m["rewards"] for m, _ in unscored] == [[None, None], [None, None]]
+    assert all(m["loss_tokens"] > 0 for m, _ in unscored)
+    await gen.close()

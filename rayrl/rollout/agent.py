@@ -142,8 +142,9 @@ async def run_episode(generate, tokenizer, scaffold: Scaffold, prompt: list[int]
 
 
 async def play_task(env, task, generate, tokenizer, scaffold_name: str, params: SamplingParams,
-                    limits: EpisodeLimits) -> tuple[Episode, float, dict]:
-    """One episode of `task` in its environment: tools set up, the loop run, the result scored."""
+                    limits: EpisodeLimits, score: bool = True) -> tuple[Episode, float | None, dict]:
+    """One episode of `task` in its environment: tools set up, the loop run, the result scored
+    (unless `score` is false: the reward is then None)."""
     from rayrl.models import chat_prompt_ids
     from rayrl.rollout.scaffolds import get_scaffold
     scaffold = get_scaffold(scaffold_name, env.tools)
@@ -151,7 +152,7 @@ async def play_task(env, task, generate, tokenizer, scaffold_name: str, params: 
     template = TurnTemplate(tokenizer, stop_ids=params.stop_token_ids)
     async with env.episode(task) as tools:
         episode = await run_episode(generate, tokenizer, scaffold, prompt, tools, params, limits, template)
-        reward, info = await env.score(task, episode.answer, tools)
+        reward, info = await env.score(task, episode.answer, tools) if score else (None, {})
     return episode, reward, {**info, "end_reason": episode.end_reason}
 
 

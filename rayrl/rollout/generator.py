@@ -207,20 +207,23 @@ class RolloutGenerator:
         self.env_s += time.perf_counter() - start
         return completion, failure
 
-    async def _episode(self, task: Task, params: SamplingParams, generate=None):
-        """One agent episode (scored in its sandbox); (Episode, reward, info) or (None, None, why) when
-        the infrastructure failed under it. `generate`: the engine, by default `batcher.generate`."""
+    async def _episode(self, task: Task, params: SamplingParams, generate=None, score: bool = True):
+        """One agent episode (scored in its sandbox, unless `score` is false); (Episode, reward, info)
+        or (None, None, why) when the infrastructure failed under it. `generate`: the engine, by
+        default `batcher.generate`."""
         try:
             return await play_task(self.env.for_task(task), task, generate or self.batcher.generate, self.tokenizer,
-                                   self.cfg.scaffold, params, self.limits)
+                                   self.cfg.scaffold, params, self.limits, score)
         except SandboxInfraError as err:
             self.infra_failures += 1
             return None, None, {"infra_error": str(err)}
 
-    async def agent_group(self, task: Task, group_id: str, seed: int | None = None) -> TrajectoryTree:
+    async def agent_group(self, task: Task, group_id: str, seed: int | None = None,
+                          score: bool = True) -> TrajectoryTree:
         self._ensure_serving()
         results = await asyncio.gather(*(self._episode(task, self.params,
-                                                       None if seed is None else self._seeded_generate(seed, i))
+                                                       None if seed is None else self._seeded_generate(seed, i),
+                                                       score)
                                          for i in range(self.cfg.group_size)))
         prompt = next((e.prompt for e, _, _ in results if e is not None), None)
         if prompt is None:
@@ -232,7 +235,9 @@ class RolloutGenerator:
                 tree.nodes[leaf].infra_failure, tree.nodes[leaf].reward_info = True, info
             else:
                 leaf = episode.add_to(tree)
-                tree.nodes[leaf].reward, tree.nodes[leaf].reward_info = float(reward), info
+                tree.nodes[leaf].reward_info = info
+                if reward is not None:
+                    tree.nodes[leaf].reward = float(reward)
         self.groups += 1
         return tree
 
@@ -315,13 +320,16 @@ class RolloutGenerator:
         return {"groups": self.groups, "gen_tokens": self.batcher.tokens, "gen_busy_s": self.batcher.busy_s,
                 "env_s": self.env_s, "infra_failures": self.infra_failures, "version": self.engine.version}
 
-    async def sample_groups(self, n: int, seed: int) -> list[tuple[dict, object]]:
-        """n groups on fresh training tasks, scored (agent episodes) but not graded: samples of
-        this generator's policy, e.g. a teacher's for off-policy distillation."""
+    async def sample_groups(self, n: int, seed: int, score: bool = True) -> list[tuple[dict, object]]:
+        """n groups on fresh training tasks, not graded: samples of this generator's policy, e.g. a
+        teacher's for off-policy distillation. Agent episodes are scored in their environment
+        unless `score` is false (SFT on the samples needs no reward)."""
         import ray
         rng = random.Random(seed)
         tasks = [self.env.sample(rng) for _ in range(n)]
-        trees = await asyncio.gather(*(self.rollout_group(t, f"{self.seed}-sample-{seed}-{i}")
+        trees = await asyncio.gather(*(self.agent_group(t, f"{self.seed}-sample-{seed}-{i}", score=score)
+                                       if self.cfg.scaffold != "none" else
+                                       self.rollout_group(t, f"{self.seed}-sample-{seed}-{i}")
                                        for i, t in enumerate(tasks)))
         return [(summarize(t), ray.put(t)) for t in trees]
 
