@@ -125,6 +125,32 @@ async def test_health_check_replaces_dead_idle_sandboxes():
         await p.shutdown()
 
 
+async def test_a_health_check_outlived_by_its_sandbox_in_the_queue_leaves_the_queue_alone():
+    """A sandbox leased, or a pool shut down, while the health check awaits the sandbox's answer:
+    the check must not fail on a queue that no longer holds it (the pool's background task died of
+    a ValueError at the end of a unify run)."""
+    p = pool(min_idle=1)
+    try:
+        await p.warm()
+        sandbox = p._idle["default"][0]
+        answered = asyncio.Event()
+
+        async def dead_after_a_while():
+            await answered.wait()
+            return False
+        sandbox.alive = dead_after_a_while
+        check = asyncio.ensure_future(p._check_idle())
+        await asyncio.sleep(0.05)
+        p._idle["default"].clear()          # what a lease or a shutdown does meanwhile
+        answered.set()
+        await check                         # raised ValueError before
+        assert p.stats()["infra_failures"] == 0
+        p._idle["default"].append(sandbox)  # back, for the shutdown to close
+    finally:
+        await p.shutdown()
+    assert all(t.done() for t in p._tasks)
+
+
 async def test_shutdown_leaves_no_process_behind():
     p = pool(min_idle=2)
     await p.warm()

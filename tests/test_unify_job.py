@@ -64,8 +64,8 @@ def test_unify_distill_through_ray_job_submit_stopped_and_resumed(tmp_path):
     # step-to-step noise of the domain mix (CI: 2.39 -> 2.41); over 16 at 1e-3 it was 2.4 -> 1.9.
     assert sum(kl[-4:]) / 4 < sum(kl[:4]) / 4, kl
     assert "on-policy" in logs and (run_dir / "unify.png").exists()
-    # Generators and graders close their sandbox pools before they are killed (kill_closed).
-    assert "Task was destroyed but it is pending" not in logs, logs[-4000:]
+    # Generators and graders end their background tasks cleanly before they are killed (kill_closed).
+    assert "Task was destroyed but it is pending" not in logs and "never retrieved" not in logs, logs[-4000:]
 
 
 def test_a_unify_run_resumes_only_as_it_was_configured(tmp_path):

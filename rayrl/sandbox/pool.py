@@ -192,7 +192,8 @@ class SandboxPool:
     async def _check_idle(self) -> None:
         for queue in self._idle.values():
             for sandbox in list(queue):
-                if not await sandbox.alive():
+                # While the check awaits, a lease may take the sandbox, or a shutdown clear the queue.
+                if not await sandbox.alive() and sandbox in queue:
                     queue.remove(sandbox)
                     self._infra_failure(sandbox.profile.name)
                     await self._discard(sandbox)
@@ -306,6 +307,8 @@ class SandboxPool:
         self._closed = True
         for task in self._tasks:
             task.cancel()
+        # Ended before the sandboxes go, and their errors retrieved (none is logged after shutdown).
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         sandboxes = [lease.sandbox for lease in self._leases.values()] + [s for q in self._idle.values() for s in q]
         self._leases.clear()
         for q in self._idle.values():
