@@ -93,6 +93,12 @@ def check_resources(cfg) -> None:
     marker = cfg.sandbox.node_resource
     if marker and not any(node.get(marker, 0) > 0 for node in nodes):
         missing.append(f"sandbox.node_resource: {marker}")
+    # All the roles at once, too (the learner waits for a placement group of all its workers).
+    for name in sorted({name for _, _, need in role_demands(cfg) for name in need}):
+        wanted = sum(count * need.get(name, 0) for _, count, need in role_demands(cfg))
+        total = sum(node.get(name, 0) for node in nodes)
+        if wanted > total:
+            missing.append(f"{name} {wanted:g} for all the roles at once, of {total:g} in all")
     if not missing:
         return
     message = f"no node of this Ray cluster can hold {'; '.join(missing)}"

@@ -118,9 +118,11 @@ def test_scaffolds_are_selectable_by_name_and_take_the_environment_tools():
 
 
 
-async def test_sampled_groups_are_scored_in_their_environment_unless_told_not_to():
+async def test_sampled_groups_are_scored_in_their_environment_unless_told_not_to(ray_session):
     """Off-policy distillation's teacher samples (`sample_groups(score=False)`) skip the
-    environment's scoring, which SFT never reads; by default agent episodes are scored."""
+    environment's scoring, which SFT never reads; by default agent episodes are scored. (The
+    groups are `ray.put`: without the session's Ray, that would start one of 2 CPUs that the
+    later tests would get, and a learner's placement group would wait forever.)"""
     from rayrl.rollout.generator import RolloutGenerator
     cfg = GRPOConfig()
     cfg.task.name, cfg.rollout.scaffold, cfg.rollout.group_size = "general", "xml", 2

@@ -118,6 +118,10 @@ def test_a_role_no_node_can_hold_is_an_error_naming_its_keys(ray_session, monkey
     assert "generator 1 per actor (rollout.num_cpus/num_gpus/resources)" in str(err.value)
     assert "GPU 1 per actor (learner.num_cpus/num_gpus/resources)" in str(err.value)
     check_resources(load(GRPOConfig, str(ROOT / "recipes" / "grpo.yaml"), []))   # the defaults fit one machine
+    # Each role fits a node, but not all of them at once: the learner's placement group would wait forever.
+    crowded = load(GRPOConfig, str(ROOT / "recipes" / "grpo.yaml"), ["rollout.num_generators=4", "rollout.num_cpus=2"])
+    with pytest.raises(RuntimeError, match=r"CPU \d+ for all the roles at once, of 8 in all"):
+        check_resources(crowded)
 
 
 @pytest.mark.parametrize("arg, named", [
