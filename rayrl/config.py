@@ -430,25 +430,36 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def checkpoint_state(checkpoint: str) -> dict:
+    """A checkpoint's trainer_state.json (step, sft_step, version, evaluations, metrics_lines, config)."""
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def complete_checkpoints(run_dir: str, names: tuple[str, ...] | None = None) -> list[str]:
+    """The checkpoints of run_dir (those named `names`, if given) written whole: trainer_state.json
+    is written last, so a checkpoint cut short has none."""
+    root = os.path.join(expand(run_dir), "checkpoints")
+    return [os.path.join(root, n) for n in (sorted(os.listdir(root)) if os.path.isdir(root) else [])
+            if (names is None or n in names) and os.path.isfile(os.path.join(root, n, "trainer_state.json"))]
+
+
 def latest_checkpoint(run_dir: str) -> str:
-    """The complete checkpoint of `run_dir` furthest into the run (trainer_state.json is written
-    last, so a checkpoint cut short has none); ConfigError naming run.resume when there is none."""
+    """The complete checkpoint of `run_dir` furthest into the run; ConfigError naming run.resume
+    when there is none."""
     if not os.path.isdir(expand(run_dir)):
         raise ConfigError(f"run.resume={run_dir!r}: no such directory")
-    root = os.path.join(expand(run_dir), "checkpoints")
     found = []
-    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        state_path = os.path.join(root, name, "trainer_state.json")
-        if os.path.isfile(state_path):
-            with open(state_path) as f:
-                state = json.load(f)
-            if "step" in state:   # checkpoints written before runs could resume lack it
-                # sft_<N> (step 0, SFT part way) < step_0 (SFT done); without sft_step SFT was done
-                found.append((state["step"], state.get("sft_step", float("inf")), os.path.getmtime(state_path),
-                              os.path.join(root, name)))
+    for path in complete_checkpoints(run_dir):
+        state = checkpoint_state(path)
+        if "step" in state:   # checkpoints written before runs could resume lack it
+            # sft_<N> (step 0, SFT part way) < step_0 (SFT done); without sft_step SFT was done
+            found.append((state["step"], state.get("sft_step", float("inf")),
+                          os.path.getmtime(os.path.join(path, "trainer_state.json")), path))
     if not found:
-        raise ConfigError(f"run.resume={run_dir!r}: no checkpoint to resume from in {root} (a run writes "
-                          "one every trainer.ckpt_every steps and one at its end)")
+        raise ConfigError(f"run.resume={run_dir!r}: no checkpoint to resume from in "
+                          f"{os.path.join(expand(run_dir), 'checkpoints')} (a run writes one every "
+                          "trainer.ckpt_every steps and one at its end)")
     return max(found)[-1]
 
 
@@ -473,8 +484,7 @@ def check_resume(cfg) -> str | None:
             check_same_settings(cfg, json.load(f), path)
         return expand(cfg.run.resume)
     path = latest_checkpoint(cfg.run.resume)
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        check_same_settings(cfg, json.load(f)["config"], f"checkpoint {path}")
+    check_same_settings(cfg, checkpoint_state(path)["config"], f"checkpoint {path}")
     return path
 
 

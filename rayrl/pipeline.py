@@ -24,7 +24,7 @@ from rayrl.algo.distill import domain_reverse_kl
 from rayrl.algo.mismatch import check_served_versions
 from rayrl.algo.resampling import effective_fraction
 from rayrl.algo.schedule import lr_at
-from rayrl.config import check_resume, expand, role_demands, to_dict
+from rayrl.config import check_resume, checkpoint_state, expand, role_demands, to_dict
 from rayrl.learner.group import LearnerGroup
 from rayrl.metrics import MetricsLogger
 from rayrl.models import load_tokenizer, resolve_model_path
@@ -94,8 +94,9 @@ def check_resources(cfg) -> None:
     if marker and not any(node.get(marker, 0) > 0 for node in nodes):
         missing.append(f"sandbox.node_resource: {marker}")
     # All the roles at once, too (the learner waits for a placement group of all its workers).
-    for name in sorted({name for _, _, need in role_demands(cfg) for name in need}):
-        wanted = sum(count * need.get(name, 0) for _, count, need in role_demands(cfg))
+    demands = role_demands(cfg)
+    for name in sorted({name for _, _, need in demands for name in need}):
+        wanted = sum(count * need.get(name, 0) for _, count, need in demands)
         total = sum(node.get(name, 0) for node in nodes)
         if wanted > total:
             missing.append(f"{name} {wanted:g} for all the roles at once, of {total:g} in all")
@@ -365,16 +366,16 @@ class Trainer:
         """On the way out of a failed or interrupted phase, checkpoint its last whole step (see
         `guarded`), unless a learner step was part way: its state is then not a step's."""
         why = f"{type(err).__name__}{': ' + str(err) if str(err) else ''}"
-        done, label = (self.sft_step, "SFT step") if phase == "sft" else (self.step, "step")
         if phase is None:
             print(f"stopped ({why}): this phase is not saved", flush=True)
             return
+        done, label, prefix = (self.sft_step, "SFT step", "sft") if phase == "sft" else (self.step, "step", "step")
         if not self.whole:
             print(f"stopped in the middle of {label} {done + 1} ({why}): no checkpoint saved, the learner's "
                   "state may be part way through an update", flush=True)
             return
         run_dir = expand(self.cfg.run.dir)
-        path = os.path.join(run_dir, "checkpoints", f"{'sft' if phase == 'sft' else 'step'}_{done}")
+        path = os.path.join(run_dir, "checkpoints", f"{prefix}_{done}")
         if os.path.isfile(os.path.join(path, "trainer_state.json")):
             print(f"stopped after {label} {done} ({why}); its checkpoint is {path}", flush=True)
             return
@@ -443,8 +444,7 @@ class Trainer:
         optimizer and RNG states, the generators' random streams, the buffer's record, tickets
         and held groups, the step, the version (whose weights it publishes) and the evaluations.
         Returns the checkpoint's trainer state."""
-        with open(os.path.join(path, "trainer_state.json")) as f:
-            state = json.load(f)
+        state = checkpoint_state(path)
         self.roles.learner.load_state(path)
         ray.get([g.set_rng_state.remote(s) for g, s in zip(self.roles.generators, state["generators"])])
         with open(os.path.join(path, "replay_state.json")) as f:
@@ -510,12 +510,6 @@ def archive_previous_run(run_dir: str) -> str | None:
     return None
 
 
-def checkpoint_metrics_lines(checkpoint: str) -> int:
-    """How many lines metrics.jsonl had when `checkpoint` was written."""
-    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-        return json.load(f)["metrics_lines"]
-
-
 def rewind_metrics(run_dir: str, keep: int) -> int:
     """Cut metrics.jsonl back to its first `keep` lines (what had been logged when the checkpoint a
     run resumes from was written); the records after them (steps whose effect the interruption
@@ -556,7 +550,7 @@ def run(cfg) -> dict:
     resume = check_resume(cfg)   # the checkpoint to continue from, or None
     if resume:
         cfg = replace(cfg, run=replace(cfg.run, dir=cfg.run.resume))
-    run_dir, log, _ = start_run(cfg, checkpoint_metrics_lines(resume) if resume else None)
+    run_dir, log, _ = start_run(cfg, checkpoint_state(resume)["metrics_lines"] if resume else None)
     # Resumed: the RL steps logged before the checkpoint, for the summary.
     history = [r for r in map(json.loads, metrics_lines(run_dir)) if r["step"] > 0]
     model_path = resolve_model_path(cfg.model)

@@ -24,11 +24,11 @@ import time
 import numpy as np
 import ray
 
-from rayrl.config import GRPOConfig, check_resume, expand, latest_checkpoint
+from rayrl.config import GRPOConfig, check_resume, checkpoint_state, complete_checkpoints, expand, latest_checkpoint
 from rayrl.metrics import MetricsLogger
 from rayrl.models import resolve_model_path
-from rayrl.pipeline import (Trainer, checkpoint_metrics_lines, evaluate_domains, kill_closed, metrics_lines,
-                            role_options, run, spawn, start_run)
+from rayrl.pipeline import (Trainer, evaluate_domains, kill_closed, metrics_lines, role_options, run, spawn,
+                            start_run)
 from rayrl.rollout.generator import RolloutGenerator
 from rayrl.rollout.teacher import Teacher
 
@@ -51,16 +51,9 @@ def expert_config(cfg, domain: str, run_dir: str, base: str) -> GRPOConfig:
     return sub
 
 
-def complete_checkpoints(run_dir: str, names: tuple[str, ...] | None = None) -> list[str]:
-    """The checkpoints of run_dir (those named `names`, if given) that were written whole."""
-    root = os.path.join(run_dir, "checkpoints")
-    return [os.path.join(root, n) for n in (sorted(os.listdir(root)) if os.path.isdir(root) else [])
-            if (names is None or n in names) and os.path.isfile(os.path.join(root, n, "trainer_state.json"))]
-
-
 def distillation_checkpoint(run_dir: str) -> str | None:
     """The on-policy distillation's checkpoint furthest in (step_<N>, student_final), if any."""
-    found = [(json.load(open(os.path.join(c, "trainer_state.json")))["step"], c)
+    found = [(checkpoint_state(c)["step"], c)
              for c in complete_checkpoints(run_dir) if os.path.basename(c).startswith(("step_", "student_final"))]
     return max(found)[1] if found else None
 
@@ -200,7 +193,7 @@ def unify(cfg) -> dict:
         distilled = distillation_checkpoint(resume)
         # The metrics up to the last whole phase: the distillation's checkpoint, else the base's.
         kept = distilled or next(iter(complete_checkpoints(resume, ("base",))), None)
-        run_dir, log, _ = start_run(cfg, checkpoint_metrics_lines(kept) if kept else 0)
+        run_dir, log, _ = start_run(cfg, checkpoint_state(kept)["metrics_lines"] if kept else 0)
         reuse_dir = run_dir
         print(f"resuming {run_dir}: whole checkpoints are reused or continued, the rest is done again", flush=True)
     else:

@@ -241,13 +241,15 @@ class RolloutGenerator:
         self.groups += 1
         return tree
 
-    async def rollout_group(self, task: Task, group_id: str, seed: int | None = None) -> TrajectoryTree:
+    async def rollout_group(self, task: Task, group_id: str, seed: int | None = None,
+                            score: bool = True) -> TrajectoryTree:
         """`seed` (run.deterministic): sample i draws from `sample_seed(seed, i)`; requests with
         different seeds never share an engine call, so a sample depends on nothing else in flight.
         Without it, requests with equal params share engine calls, which draw from the engine's
-        own generator (seeded per generator)."""
+        own generator (seeded per generator). `score`: agent episodes are scored in their
+        environment (single answers are graded later, by the grader)."""
         if self.cfg.scaffold != "none":
-            return await self.agent_group(task, group_id, seed)
+            return await self.agent_group(task, group_id, seed, score)
         self._ensure_serving()
         prompt = self.prompt_tokens(task)
         episodes = await asyncio.gather(*(self._sample(task, prompt, self.params if seed is None else
@@ -327,9 +329,7 @@ class RolloutGenerator:
         import ray
         rng = random.Random(seed)
         tasks = [self.env.sample(rng) for _ in range(n)]
-        trees = await asyncio.gather(*(self.agent_group(t, f"{self.seed}-sample-{seed}-{i}", score=score)
-                                       if self.cfg.scaffold != "none" else
-                                       self.rollout_group(t, f"{self.seed}-sample-{seed}-{i}")
+        trees = await asyncio.gather(*(self.rollout_group(t, f"{self.seed}-sample-{seed}-{i}", score=score)
                                        for i, t in enumerate(tasks)))
         return [(summarize(t), ray.put(t)) for t in trees]
 
