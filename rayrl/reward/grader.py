@@ -5,6 +5,7 @@ own sandbox); their leaves are left as they are."""
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import numpy as np
 
@@ -17,12 +18,11 @@ from rayrl.tree import TrajectoryTree, summarize
 
 class RewardGrader:
     def __init__(self, task_cfg, tokenizer_path: str, advantage_mode: str = "grpo", sandbox_pool=None):
-        from rayrl.models import load_tokenizer
         self.task_cfg = task_cfg
         self._env = None
         self.sandbox_pool = sandbox_pool   # the cluster's pools (a SandboxRouter), or None: a pool of its own
         self._own_pool = None
-        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.tokenizer_path = tokenizer_path
         self.advantage_mode = advantage_mode
         self.graded = 0
         self.infra_failures = 0
@@ -40,6 +40,14 @@ class RewardGrader:
     @env.setter
     def env(self, env) -> None:
         self._env = env
+
+    @functools.cached_property
+    def tokenizer(self):
+        """Loaded on first use, like the env: agent episodes arrive scored and never need it, and
+        importing the model stack would cost every grader about 5 s of CPU at start-up. (The
+        generators load the same tokenizer at start-up, so a bad path still fails there.)"""
+        from rayrl.models import load_tokenizer
+        return load_tokenizer(self.tokenizer_path)
 
     async def close(self) -> None:
         """Before the actor is killed (Roles.shutdown), as RolloutGenerator.close."""
