@@ -1,14 +1,14 @@
 """Specialize-then-Unify end to end through `ray job submit` against a local head.
 
-Two domains, a few steps: the experts are trained (the job stopped during the first and submitted
-again to resume), the student is distilled from them on its own samples, the job must end
-SUCCEEDED, and the student's reverse KL to its teachers must fall.
+Two domains, a few steps: the experts are trained, the student is distilled from them on its own
+samples, the job must end SUCCEEDED, and the student's reverse KL to its teachers must fall. The job
+is stopped twice on the way (during the first expert's GRPO, then during the distillation) and each
+time submitted again with run.resume, which must continue where it stopped.
 """
 
 import json
 import os
 import re
-import subprocess
 
 import pytest
 
@@ -25,33 +25,48 @@ def records(path) -> list[dict]:
 @pytest.mark.timeout(1500)
 def test_unify_distill_through_ray_job_submit_stopped_and_resumed(tmp_path):
     """The job is stopped (`ray job stop`) while its first expert trains, then submitted again with
-    run.resume: it reuses the base, continues that expert from its last step, and completes."""
+    run.resume: it reuses the base and continues that expert from its last step. That job is
+    stopped during the distillation and submitted again: it continues the distillation from its
+    last step and completes."""
     run_dir = tmp_path / "unify"
     args = ["unify.domains=[terminal,general]", "trainer.sft.steps=60", "trainer.total_steps=4",
             "task.eval_size=8", "unify.base_sft_steps=30", "distill.steps=16", "distill.lr=1e-3",
             "distill.baseline=false", "run.progress=false", f"run.dir={run_dir}"]
+    resume = ["python", "recipes/unify_distill.py", f"run.resume={run_dir}"]
     expert_metrics = run_dir / "experts" / "terminal" / "metrics.jsonl"
-    with ray_head() as head:
-        job = head.submit(["python", "recipes/unify_distill.py", *args])
 
-        def stop_in_expert_rl():
-            if any(r["step"] > 0 for r in records(expert_metrics)):
-                subprocess.run([head.cli, "job", "stop", "--address", head.address, "--no-wait", job], env=head.env,
-                               capture_output=True, timeout=60)
-        status, logs = head.wait(job, timeout_s=600, poll=stop_in_expert_rl)
+    def stopped_with_one_checkpoint(head, job, metrics, checkpoints) -> tuple[int, str]:
+        """Stops `job` once `metrics` holds an RL step; returns the one step_<N> it saved and its log."""
+        asked = []
+
+        def stop_once_in_rl():
+            if not asked and any(r["step"] > 0 for r in records(metrics)):
+                head.stop(job)
+                asked.append(job)
+        status, logs = head.wait(job, timeout_s=600, poll=stop_once_in_rl)
         assert re.search(r"stopped", status, re.I), status + logs[-4000:]
-        saved = [c for c in os.listdir(run_dir / "experts" / "terminal" / "checkpoints") if c.startswith("step_")]
-        assert len(saved) == 1, logs[-4000:]
-        stopped_at = int(saved[0].split("_")[1])
-        assert 1 <= stopped_at < 4 and "saving" in logs, logs[-4000:]
+        saved = [c for c in os.listdir(checkpoints) if c.startswith("step_")]
+        assert len(saved) == 1 and "saving" in logs, logs[-4000:]
+        return int(saved[0].split("_")[1]), logs
+
+    with ray_head() as head:
+        expert_step, _ = stopped_with_one_checkpoint(
+            head, head.submit(["python", "recipes/unify_distill.py", *args]), expert_metrics,
+            run_dir / "experts" / "terminal" / "checkpoints")
+        assert 1 <= expert_step < 4
         base_records = [r["step"] for r in records(run_dir / "metrics.jsonl")]
 
-        status, logs = head.wait(head.submit(["python", "recipes/unify_distill.py", f"run.resume={run_dir}"]),
-                                 timeout_s=1000)
+        distill_step, logs = stopped_with_one_checkpoint(head, head.submit(resume), run_dir / "metrics.jsonl",
+                                                         run_dir / "checkpoints")
+        assert "base: reusing" in logs and \
+            f"resumed from {run_dir}/experts/terminal/checkpoints/step_{expert_step}" in logs, logs[-4000:]
+        assert 1 <= distill_step < 16
+
+        status, logs = head.wait(head.submit(resume), timeout_s=1000)
     assert re.search(r"succeeded", status, re.I), status + logs[-4000:]
-    assert "base: reusing" in logs and f"resumed from {run_dir}/experts/terminal/checkpoints/{saved[0]}" in logs, \
-        logs[-4000:]
-    # The expert's steps and the base's SFT updates are each logged once, as in an unstopped run.
+    assert f"on-policy distillation: resumed from {run_dir}/checkpoints/step_{distill_step}" in logs, logs[-4000:]
+    # The expert's steps, the base's SFT updates and the distillation's steps are each logged once,
+    # as in an unstopped run.
     assert [r["step"] for r in records(expert_metrics) if r["step"] > 0] == [1, 2, 3, 4]
     assert base_records == list(range(-29, 1))
     summary = json.loads((run_dir / "summary.json").read_text())
