@@ -40,11 +40,17 @@ class RayHead:
     address: str        # the dashboard (job server), http://127.0.0.1:PORT
     env: dict           # environment for the CLI: the head's auth token, no RAY_ADDRESS
     metrics_port: int   # the head node's Prometheus endpoint (ray.util.metrics of its processes)
+    process: subprocess.Popen   # `ray start --head --block`
+    log: str            # its output
 
     def submit(self, entrypoint: list[str], working_dir: str = ROOT, tries: int = 36) -> str:
         """`ray job submit --no-wait`; returns the job id. Retried while the head and its job
-        agent come up (a little after `ray start` returns)."""
+        agent come up (a little after `ray start` returns), not once the head has exited."""
         for _ in range(tries):
+            if self.process.poll() is not None:
+                with open(self.log, errors="replace") as f:
+                    raise AssertionError(f"the Ray head exited with status {self.process.returncode}:\n"
+                                         + f.read()[-4000:])
             submitted = subprocess.run([self.cli, "job", "submit", "--address", self.address,
                                         "--working-dir", working_dir, "--no-wait", "--", *entrypoint],
                                        env=self.env, capture_output=True, text=True, timeout=300, cwd=working_dir)
@@ -121,13 +127,21 @@ def ray_head(num_cpus: int = 8):
                                                 "metrics-export-port", "ray-client-server-port",
                                                 "runtime-env-agent-port")}
         cli = os.path.join(os.path.dirname(sys.executable), "ray")
-        head = subprocess.Popen([cli, "start", "--head", "--block", "--include-dashboard=true",
-                                 "--disable-usage-stats", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
-                                 f"--num-cpus={num_cpus}", *(f"--{flag}={port}" for flag, port in ports.items())],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        log = os.path.join(env["RAY_TMPDIR"], "head.log")
+        with open(log, "wb") as out:
+            head = subprocess.Popen([cli, "start", "--head", "--block", "--include-dashboard=true",
+                                     "--disable-usage-stats", f"--dashboard-port={dashboard}",
+                                     "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}",
+                                     *(f"--{flag}={port}" for flag, port in ports.items())],
+                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def interrupt(signum, frame):   # pytest killed by SIGTERM (e.g. `timeout`) still stops the head
+            raise KeyboardInterrupt(f"signal {signum}")
+        previous = signal.signal(signal.SIGTERM, interrupt)
         try:
-            yield RayHead(cli, f"http://127.0.0.1:{dashboard}", env, ports["metrics-export-port"])
+            yield RayHead(cli, f"http://127.0.0.1:{dashboard}", env, ports["metrics-export-port"], head, log)
         finally:
+            signal.signal(signal.SIGTERM, previous)
             os.killpg(head.pid, signal.SIGTERM)
             try:
                 head.wait(timeout=60)
