@@ -87,14 +87,14 @@ def check_resources(cfg) -> None:
     an error naming the config keys; on a cluster (RAY_ADDRESS) the actors wait for nodes that fit
     them (an autoscaler adds them), and the wait is announced."""
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    demands = role_demands(cfg)
     missing = [f"{', '.join(f'{name} {v:g}' for name, v in need.items())} per actor ({keys})"
-               for keys, _, need in role_demands(cfg)
+               for keys, _, need in demands
                if not any(all(node.get(name, 0) >= v for name, v in need.items()) for node in nodes)]
     marker = cfg.sandbox.node_resource
     if marker and not any(node.get(marker, 0) > 0 for node in nodes):
         missing.append(f"sandbox.node_resource: {marker}")
     # All the roles at once, too (the learner waits for a placement group of all its workers).
-    demands = role_demands(cfg)
     for name in sorted({name for _, _, need in demands for name in need}):
         wanted = sum(count * need.get(name, 0) for _, count, need in demands)
         total = sum(node.get(name, 0) for node in nodes)
