@@ -58,6 +58,20 @@ def distillation_checkpoint(run_dir: str) -> str | None:
     return max(found)[1] if found else None
 
 
+def base_sft_checkpoint(run_dir: str) -> str | None:
+    """The base's SFT stopped part way: its checkpoint furthest in (sft_<N>), if any."""
+    found = [(checkpoint_state(c)["sft_step"], c)
+             for c in complete_checkpoints(run_dir) if os.path.basename(c).startswith("sft_")]
+    return max(found)[1] if found else None
+
+
+def resume_point(run_dir: str) -> str | None:
+    """The checkpoint of the last whole phase of the run in run_dir (the distillation's, else the
+    base's, else the base's SFT part way): a resumed run's metrics are cut back to it."""
+    return (distillation_checkpoint(run_dir) or next(iter(complete_checkpoints(run_dir, ("base",))), None)
+            or base_sft_checkpoint(run_dir))
+
+
 def reused_expert(cfg, domain: str, reuse_dir: str | None) -> dict | None:
     """An expert given by path, or found in an earlier run directory; None if there is none."""
     if domain in cfg.unify.experts:
@@ -90,7 +104,8 @@ def same_evaluation(cfg, run_dir: str) -> bool:
 
 def train_base(cfg, run_dir: str, reuse_dir: str | None, log: MetricsLogger) -> str:
     """The base checkpoint: reused from an earlier run, the model as given, or the model after
-    `unify.base_sft_steps` of SFT on the domain mixture."""
+    `unify.base_sft_steps` of SFT on the domain mixture. A stop saves the SFT's last whole update
+    (checkpoints/sft_<N>), which a resumed run continues."""
     from tqdm import tqdm
 
     if reuse_dir and complete_checkpoints(reuse_dir, ("base",)):
@@ -100,13 +115,18 @@ def train_base(cfg, run_dir: str, reuse_dir: str | None, log: MetricsLogger) -> 
     model = resolve_model_path(cfg.model)
     if not cfg.unify.base_sft_steps:
         return model
-    print(f"base: SFT {cfg.unify.base_sft_steps} steps on {', '.join(cfg.unify.domains)}", flush=True)
+    partial = base_sft_checkpoint(run_dir) if cfg.run.resume else None
+    print(f"base: SFT {cfg.unify.base_sft_steps} steps on {', '.join(cfg.unify.domains)}"
+          + (f", resumed from {partial}" if partial else ""), flush=True)
     scfg = student_config(cfg)
     roles = spawn(scfg, model)
     try:
         trainer = Trainer(scfg, roles, model)
-        with tqdm(total=cfg.unify.base_sft_steps, desc="base", disable=not cfg.run.progress) as bar:
-            trainer.warm_start(log, bar, steps=cfg.unify.base_sft_steps, phase=None)
+        if partial:
+            trainer.restore(partial)
+        with tqdm(total=cfg.unify.base_sft_steps, initial=trainer.sft_step, desc="base",
+                  disable=not cfg.run.progress) as bar:
+            trainer.warm_start(log, bar, steps=cfg.unify.base_sft_steps, start=trainer.sft_step)
         return trainer.checkpoint("base")
     finally:
         roles.shutdown()
@@ -190,9 +210,7 @@ def unify(cfg) -> dict:
     if resume:
         cfg = copy.deepcopy(cfg)
         cfg.run.dir = resume
-        distilled = distillation_checkpoint(resume)
-        # The metrics up to the last whole phase: the distillation's checkpoint, else the base's.
-        kept = distilled or next(iter(complete_checkpoints(resume, ("base",))), None)
+        distilled, kept = distillation_checkpoint(resume), resume_point(resume)
         run_dir, log, _ = start_run(cfg, checkpoint_state(kept)["metrics_lines"] if kept else 0)
         reuse_dir = run_dir
         print(f"resuming {run_dir}: whole checkpoints are reused or continued, the rest is done again", flush=True)

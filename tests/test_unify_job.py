@@ -114,3 +114,54 @@ def test_a_reused_experts_score_counts_only_if_measured_the_same_way(tmp_path):
     for other in (["task.eval_size=20"], ["trainer.eval.temperature=1.0", "trainer.eval.samples=4"]):
         found = reused_expert(load(UnifyConfig, None, other), "terminal", str(tmp_path))
         assert found["path"].endswith("final") and found["eval"] is None   # measured again
+
+
+@pytest.mark.slow
+def test_a_unify_run_stopped_in_its_base_sft_continues_it(ray_session, tmp_path, capsys):
+    """A stop (SIGTERM: `ray job stop`) during the base's SFT saves its last whole update; the
+    resumed run continues the SFT from there instead of starting it over."""
+    import signal
+    import threading
+    import time
+
+    from rayrl.config import UnifyConfig, load_recipe, to_dict
+    from rayrl.metrics import MetricsLogger
+    from rayrl.unify import resume_point, train_base
+    from tests.test_config import ROOT
+
+    run_dir, steps, stop_after = tmp_path / "unify", 40, 15
+    args = ["unify.domains=[general]", f"unify.base_sft_steps={steps}", "trainer.sft.batch_size=8",
+            "task.eval_size=4", "run.progress=false", f"run.dir={run_dir}"]
+    recipes = [str(ROOT / "recipes" / "train_expert.yaml"), str(ROOT / "recipes" / "unify_distill.yaml")]
+    metrics = run_dir / "metrics.jsonl"
+
+    def stop_once_logged():
+        deadline = time.monotonic() + 300
+        while len(records(metrics)) < stop_after and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)   # the driver's main thread gets it, as from `ray job stop`
+
+    cfg = load_recipe(UnifyConfig, recipes, args)
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg)))   # as the recipe's start_run writes it
+    stopper = threading.Thread(target=stop_once_logged, daemon=True)
+    stopper.start()
+    log = MetricsLogger(str(run_dir), export_to_ray=False)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        train_base(cfg, str(run_dir), None, log)
+    stopper.join()
+    log.close()
+    done = len(records(metrics))
+    assert stop_after <= done < steps
+    assert resume_point(str(run_dir)) == str(run_dir / "checkpoints" / f"sft_{done}")   # the last logged update
+
+    log = MetricsLogger(str(run_dir), export_to_ray=False)
+    base = train_base(load_recipe(UnifyConfig, recipes, [*args, f"run.resume={run_dir}"]), str(run_dir),
+                      str(run_dir), log)
+    log.close()
+    assert f"base: SFT {steps} steps on general, resumed from {run_dir}/checkpoints/sft_{done}" in capsys.readouterr().out
+    assert base == str(run_dir / "checkpoints" / "base") == resume_point(str(run_dir))
+    logged = records(metrics)
+    assert [r["step"] for r in logged] == list(range(-steps + 1, 1))   # each update once
+    # The resumed updates start from the stopped one's weights, not from the untrained model.
+    assert logged[done]["sft_nll"] < 0.5 * logged[0]["sft_nll"], [r["sft_nll"] for r in logged]
