@@ -122,16 +122,19 @@ async def test_a_hung_page_times_out_and_the_browser_recovers(tmp_path):
 
 
 @needs_chromium
-async def test_an_env_keeps_its_newest_screenshots_and_leaves_nothing_after_close():
-    """Without a screenshot_dir the env keeps the newest few in a temp dir of its own; closed, it
-    leaves no screenshots, browser profile, socket dir or served pages behind."""
-    env = WebCodingEnv(keep_screenshots=2, timeout_s=15.0)
+async def test_without_a_screenshot_dir_no_screenshot_is_taken_and_nothing_is_left_after_close(tmp_path):
+    """Screenshots are taken only where asked for (screenshot_dir, task.webcoding_screenshots);
+    closed, the env leaves no browser profile, socket dir or served pages behind."""
+    from rayrl.config import TaskConfig
+    assert WebCodingEnv(TaskConfig(webcoding_screenshots=str(tmp_path))).screenshot_dir == tmp_path
+    env = WebCodingEnv(timeout_s=15.0)
     heading = _task(env, "web-heading")
-    shots = [(await env.verify(heading, env.demonstration(heading)))[1]["screenshot"] for _ in range(3)]
+    reward, info = await env.verify(heading, env.demonstration(heading))
+    assert reward == 1.0 and info["screenshot"] is None
     browser = env._browser
     socket_dir = os.path.dirname(os.readlink(os.path.join(browser._profile, "SingletonSocket")))
-    made = [os.path.dirname(shots[0]), browser._profile, socket_dir, str(browser.server.root)]
-    assert [os.path.exists(s) for s in shots] == [False, True, True] and all(map(os.path.isdir, made))
+    made = [browser._profile, socket_dir, str(browser.server.root)]
+    assert all(map(os.path.isdir, made))
     await env.aclose()
     assert not any(map(os.path.exists, made)), made
 

@@ -1,6 +1,6 @@
 """WebCoding: the model writes an HTML page (HTML/CSS/JS in one document); it is graded in
-headless Chromium with the task's DOM and behaviour checks, no console errors, a saved screenshot
-and a secondary layout score (see envs/webcoding/grader.py for the check types and
+headless Chromium with the task's DOM and behaviour checks and no console errors, with a secondary
+layout score and, if asked for (`task.webcoding_screenshots`), a screenshot of the final page (see envs/webcoding/grader.py for the check types and
 envs/webcoding/browser.py for how the browser is isolated).
 
 Tasks are JSONL rows: `task_id`, `instruction`, `checks` (a list of check objects) and `oracle`
@@ -30,13 +30,10 @@ every feature combination) do, with other wording.
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import json
 import random
 import re
-import shutil
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -264,21 +261,20 @@ class WebCodingEnv(GeneratedEnv):
     """Grades pages in one shared headless Chromium (started lazily on the running event loop,
     restarted if it dies); at most `concurrency` pages are graded at once.
 
-    Every grade saves a screenshot. In `screenshot_dir`, if given, they are all kept; otherwise
-    in a temporary dir of the env's own that holds the newest `keep_screenshots` (a training run
-    grades thousands of pages) and is removed by `aclose()`."""
+    With a `screenshot_dir` (or the config's `webcoding_screenshots`) every grade saves a PNG of
+    the final page there; without, none is taken (about 64 ms of CPU of a ~430 ms grade, for an
+    image no reward reads)."""
 
     domain = "webcoding"
 
     def __init__(self, cfg=None, seed: int = 0, screenshot_dir: str | Path | None = None,
-                 timeout_s: float = 20.0, concurrency: int = 4, keep_screenshots: int = 256):
+                 timeout_s: float = 20.0, concurrency: int = 4):
         super().__init__(getattr(cfg, "tool_latency", "none"), seed)
         self.difficulty = getattr(cfg, "webcoding_difficulty", 1)
         self.eval_fraction = getattr(cfg, "eval_fraction", 0.2)
         self.timeout_s, self.concurrency = timeout_s, concurrency
-        self.screenshot_dir = Path(screenshot_dir) if screenshot_dir else None
-        self._own_shots: collections.deque[Path] | None = None   # the own dir's shots, oldest first
-        self.keep_screenshots = keep_screenshots
+        screenshot_dir = screenshot_dir or getattr(cfg, "webcoding_screenshots", "")
+        self.screenshot_dir = Path(screenshot_dir).expanduser().absolute() if screenshot_dir else None
         self._browser: Browser | None = None
         self._loop = None
         self._sem: asyncio.Semaphore | None = None
@@ -326,7 +322,7 @@ class WebCodingEnv(GeneratedEnv):
 
     async def verify(self, task: Task, response: str) -> tuple[float, dict]:
         """Extract the page from `response` and grade it. info: per-check results, console errors,
-        `screenshot` (a PNG path), `layout_score` (secondary, not in the reward), `reason`."""
+        `screenshot` (a PNG path, or None without a screenshot dir), `layout_score` (secondary, not in the reward), `reason`."""
         html = extract_html(response)
         if not html:
             return 0.0, {"reason": "no HTML in the response", "checks": [], "console_errors": [],
@@ -334,14 +330,7 @@ class WebCodingEnv(GeneratedEnv):
         from rayrl.sandbox.base import SandboxInfraError
         try:
             browser = await self._get_browser()
-            if self.screenshot_dir is None:
-                self.screenshot_dir = Path(tempfile.mkdtemp(prefix="rayrl-webcoding-shots-"))
-                self._own_shots = collections.deque()
-            shot = self.screenshot_dir / f"{task.id}-{uuid.uuid4().hex[:8]}.png"
-            if self._own_shots is not None:
-                self._own_shots.append(shot)
-                while len(self._own_shots) > self.keep_screenshots:
-                    self._own_shots.popleft().unlink(missing_ok=True)
+            shot = self.screenshot_dir / f"{task.id}-{uuid.uuid4().hex[:8]}.png" if self.screenshot_dir else None
             async with self._sem:
                 return await grade(browser, html, task.meta["checks"], shot, timeout=self.timeout_s)
         except BrowserError as err:
@@ -354,6 +343,3 @@ class WebCodingEnv(GeneratedEnv):
             else:
                 self._browser.kill_now()
             self._browser = None
-        if self._own_shots is not None:
-            shutil.rmtree(self.screenshot_dir, ignore_errors=True)
-            self.screenshot_dir, self._own_shots = None, None
