@@ -13,21 +13,30 @@ the held-out tasks every `eval_every` steps:
 
 Per arm: the effective ratio (share of trained samples with a non-zero advantage, mean over the
 steps), the rollout yield (the same share over every rolled-out sample, filtered or not), the
-shares of rolled-out samples in all-correct and all-wrong groups, the first step whose held-out
-reward reaches the target and the groups rolled out by then, the step at which History
-Resampling first dropped a prompt (before it, the arm is vanilla GRPO), and the held-out reward at
-the start and the end.
+shares of rolled-out samples in all-correct and all-wrong groups, History Resampling's drops per
+group rolled out (each drop was first seen as an all-correct group, so HR's ratio is at most one
+minus this and the all-wrong share), the first step whose held-out reward reaches the target and
+the groups rolled out by then, the step at which History Resampling first dropped a prompt
+(before it, the arm is vanilla GRPO), and the held-out reward at the start and the end.
 
-    python benchmarks/resampling.py [steps=60] [target=0.8] [prompts=128] [eval_every=2]
+With `seeds=N` every arm runs N times (run.seed 0 .. N-1: other training prompts and samples,
+the same warm start); shares are then means over the runs and steps medians (a run that never
+reached the target counts as later than any that did), and a single run's steps to the target
+vary by about ±8 on the default.
+
+    python benchmarks/resampling.py [steps=60] [target=0.8] [prompts=128] [eval_every=2] [seeds=1]
         [warm=CHECKPOINT] [arms=vanilla,dynamic,hr] [any.config.key=value ...]
 
 (`warm`: reuse the warm-start checkpoint of an earlier run; config keys apply to every run, e.g.
 rollout.temperature=0.5.) Last line: one JSON object with effective_ratio_{hr,dynamic,vanilla},
-steps_to_target_{...} (null if never reached) and the targets' checks.
+steps_to_target_{...} (null if never reached; with seeds, the median, and the runs' own in
+steps_to_target_{...}_per_seed) and the targets' checks.
 """
 
 import json
+import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -44,8 +53,9 @@ OUTCOMES = ("all_correct", "all_wrong", "mixed")
 NAMES = {"vanilla": "vanilla GRPO", "dynamic": "dynamic sampling (DAPO)", "hr": "History Resampling (SRPO)"}
 
 
-DEFAULTS = {"steps": "60", "target": "0.8", "prompts": "128", "eval_every": "2", "warm": "",
+DEFAULTS = {"steps": "60", "target": "0.8", "prompts": "128", "eval_every": "2", "seeds": "1", "warm": "",
             "arms": ",".join(ARMS)}
+STEPS = ("steps_to_target", "groups_to_target", "first_drop_step")   # None: never
 
 
 def config(run_dir: str, overrides: list[str]):
@@ -65,10 +75,13 @@ def arm(model: str, overrides: list[str], args: dict, run_dir: str) -> dict:
     # says nothing about it (measured: HR "won" at steps 12-18 before its first drop at 21-47).
     dropped = [s for s in steps if any(v > 0 for k, v in s.items() if k.endswith("/solved_dropped"))]
     rolled = max(sum(last[f"buffer/samples_{o}"] for o in OUTCOMES), 1)
+    # Every drop was seen as an all-correct group first: HR's ratio is at most 1 - drops / groups.
+    drops = sum(v for k, v in last.items() if k.endswith(("/solved_dropped", "/readmitted")))
     return {"effective_ratio": sum(s["effective_ratio"] for s in steps) / len(steps),
             "rollout_yield": last["buffer/rollout_effective"],
             "rollout_all_correct": last["buffer/samples_all_correct"] / rolled,
             "rollout_all_wrong": last["buffer/samples_all_wrong"] / rolled,
+            "drops_per_group": drops / max(last["buffer/received"], 1),
             "steps_to_target": int(first["step"]) if first else None,
             "groups_to_target": int(first["buffer/received"]) if first else None,
             "first_drop_step": int(dropped[0]["step"]) if dropped else None,
@@ -76,35 +89,53 @@ def arm(model: str, overrides: list[str], args: dict, run_dir: str) -> dict:
             "groups_rolled_out": int(last["buffer/received"])}
 
 
+def combine(runs: list[dict]) -> dict:
+    """One arm's runs (seeds) as one: shares and scores averaged, steps by their median (never =
+    later than any), each run's steps to the target kept as `steps_to_target_per_seed`."""
+    def median(values):
+        m = statistics.median_low([math.inf if v is None else v for v in values])
+        return None if m == math.inf else m
+    out = {k: (median([r[k] for r in runs]) if k in STEPS else sum(r[k] for r in runs) / len(runs))
+           for k in runs[0]}
+    out["steps_to_target_per_seed"] = [r["steps_to_target"] for r in runs]
+    return out
+
+
 def main(argv: list[str]) -> None:
     from rayrl.pipeline import run
     config_args = [a for a in argv if "." in a.split("=", 1)[0]]   # config keys, for every run
     args = {**DEFAULTS, **dict(a.split("=", 1) for a in argv if a not in config_args)}
     args = {"steps": int(args["steps"]), "target": float(args["target"]), "prompts": int(args["prompts"]),
-            "eval_every": int(args["eval_every"]), "warm": args["warm"], "arms": args["arms"].split(","),
-            "config": config_args}
+            "eval_every": int(args["eval_every"]), "seeds": int(args["seeds"]), "warm": args["warm"],
+            "arms": args["arms"].split(","), "config": config_args}
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         warm = args["warm"] or run(config(os.path.join(tmp, "warm"), [*config_args, "trainer.total_steps=0"]))[
             "checkpoint"]
-        results = {name: arm(warm, ARMS[name], args, os.path.join(tmp, name)) for name in args["arms"]}
+        results = {name: combine([arm(warm, [*ARMS[name], f"run.seed={seed}"], args,
+                                      os.path.join(tmp, f"{name}{seed}")) for seed in range(args["seeds"])])
+                   for name in args["arms"]}
     import ray
     ray.shutdown()   # no worker log may come after the table and the JSON line
     print(f"\n{args['steps']} GRPO steps from one warm start, {args['prompts']} training prompts, held-out reward "
-          f"every {args['eval_every']} steps, target {args['target']}; config {' '.join(config_args) or '-'}")
-    print(f"{'':<27}{'effective':>10}{'rollout':>9}{'rolled out':>11}{'rolled out':>11}{'steps to':>10}"
+          f"every {args['eval_every']} steps, target {args['target']}; config {' '.join(config_args) or '-'}"
+          + (f"; {args['seeds']} seeds: means, and medians of steps" if args["seeds"] > 1 else ""))
+    print(f"{'':<27}{'effective':>10}{'rollout':>9}{'rolled out':>11}{'rolled out':>11}{'drops /':>9}{'steps to':>10}"
           f"{'groups to':>11}{'first':>7}{'held-out':>10}{'held-out':>10}")
-    print(f"{'':<27}{'ratio':>10}{'yield':>9}{'all right':>11}{'all wrong':>11}{'target':>10}{'target':>11}"
-          f"{'drop':>7}{'start':>10}{'final':>10}")
+    print(f"{'':<27}{'ratio':>10}{'yield':>9}{'all right':>11}{'all wrong':>11}{'group':>9}{'target':>10}"
+          f"{'target':>11}{'drop':>7}{'start':>10}{'final':>10}")
+    to = lambda v: "-" if v is None else str(v)  # noqa: E731
     for name, r in results.items():
-        to = lambda v: "-" if v is None else str(v)  # noqa: E731
         print(f"{NAMES[name]:<27}{r['effective_ratio']:>10.3f}{r['rollout_yield']:>9.3f}"
-              f"{r['rollout_all_correct']:>11.3f}{r['rollout_all_wrong']:>11.3f}{to(r['steps_to_target']):>10}"
-              f"{to(r['groups_to_target']):>11}{to(r['first_drop_step']):>7}{r['eval_start']:>10.3f}"
-              f"{r['eval_final']:>10.3f}")
+              f"{r['rollout_all_correct']:>11.3f}{r['rollout_all_wrong']:>11.3f}{r['drops_per_group']:>9.3f}"
+              f"{to(r['steps_to_target']):>10}{to(r['groups_to_target']):>11}{to(r['first_drop_step']):>7}"
+              f"{r['eval_start']:>10.3f}{r['eval_final']:>10.3f}")
+    if args["seeds"] > 1:
+        print("steps to the target, per seed: " + "; ".join(
+            f"{name} {' '.join(map(to, r['steps_to_target_per_seed']))}" for name, r in results.items()))
     out = {f"{k}_{name}": (round(v, 4) if isinstance(v, float) else v)
            for name, r in results.items() for k, v in r.items()}
-    out.update({k: args[k] for k in ("target", "steps", "prompts", "config")})
+    out.update({k: args[k] for k in ("target", "steps", "prompts", "seeds", "config")})
     hr, vanilla = results.get("hr"), results.get("vanilla")
     if hr and vanilla:
         faster = hr["steps_to_target"] is not None and (vanilla["steps_to_target"] is None

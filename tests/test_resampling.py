@@ -174,3 +174,17 @@ def test_the_floor_keeps_a_share_of_the_prompts_active():
     assert restored.floor == 0.5 and restored.dropped == ps.dropped
     with pytest.raises(ValueError, match="floor"):
         PromptSet(tasks("math", 2), history=True, floor=1.5)
+
+
+def test_the_resampling_benchmark_pools_seeds_by_means_and_median_steps():
+    from benchmarks.resampling import combine
+
+    runs = [{"effective_ratio": ratio, "steps_to_target": steps, "first_drop_step": 7,
+             "groups_to_target": None if steps is None else 16 * steps}
+            for ratio, steps in ((0.8, 20), (0.9, None), (0.85, 12))]
+    pooled = combine(runs)
+    assert pooled["effective_ratio"] == pytest.approx(0.85)
+    assert (pooled["steps_to_target"], pooled["groups_to_target"], pooled["first_drop_step"]) == (20, 320, 7)
+    assert pooled["steps_to_target_per_seed"] == [20, None, 12]
+    # A target most runs never reached has no median step: never, not the one run's.
+    assert combine(runs[1:2] * 2 + runs[:1])["steps_to_target"] is None
