@@ -600,16 +600,28 @@ def resumed_config(argv: list[str]) -> list[str]:
     return [path] if path and os.path.isfile(path) else []
 
 
+HELP = ("-h", "--help")
+
+
 def load_recipe(schema: type, yaml_path: str | list[str], argv: list[str]):
     """`load` for a recipe's main(): a bad config prints its cause and exits with status 2. With
     `run.resume=DIR` the run's own config (DIR/config.json) is layered over the YAML, so that the
-    run continues as it was configured; argv's overrides still apply on top."""
+    run continues as it was configured; argv's overrides still apply on top. `-h`/`--help` prints
+    the recipe's docstring and the config it would run with (the other arguments applied), and
+    exits."""
     yaml_paths = [yaml_path] if isinstance(yaml_path, str) else list(yaml_path)
+    overrides = [a for a in argv if a not in HELP]
     try:
-        return load(schema, yaml_paths + resumed_config(argv), argv)
+        cfg = load(schema, yaml_paths + resumed_config(overrides), overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    if len(overrides) < len(argv):
+        doc = (sys.modules["__main__"].__doc__ or "").strip()
+        print(f"{doc}\n\nThe config this command runs with ({', '.join(yaml_paths)}, then the arguments); "
+              f"any key can be set as key=value:\n\n{OmegaConf.to_yaml(to_dict(cfg))}", end="")
+        raise SystemExit(0)
+    return cfg
 
 
 def load(schema: type, yaml_path: str | list[str] | None = None, argv: list[str] | None = None):

@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rayrl.config import ConfigError, GRPOConfig, load
 
@@ -60,6 +61,20 @@ def test_config_imports_without_torch_or_ray():
     code = ("import sys, rayrl.config, rayrl.tree, rayrl.algo.advantages;"
             "bad = [m for m in ('torch', 'ray') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_recipe_help_prints_its_docstring_and_the_config_it_would_run_with():
+    recipe = str(ROOT / "recipes" / "train_expert.py")
+    out = subprocess.run([sys.executable, recipe, "--help", "domain=swe", "trainer.total_steps=7"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Train one domain expert")
+    config = yaml.safe_load(out.stdout.split("any key can be set as key=value:", 1)[1])
+    assert (config["task"]["name"], config["trainer"]["total_steps"], config["run"]["dir"]) == \
+        ("swe", 7, "runs/expert_swe")
+    bad = subprocess.run([sys.executable, recipe, "-h", "trainer.totl_steps=3"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "trainer.totl_steps" in bad.stderr
 
 
 def test_recipe_fails_before_any_actor_on_bad_key():
