@@ -90,8 +90,8 @@ class TaskConfig:
     general_difficulty: int = 2       # general: constraints per instruction task
     general_math_fraction: float = 0.5
     webcoding_difficulty: int = 1     # webcoding: checks per generated page
-    # webcoding: a directory that keeps a PNG of every graded page's final state ("": none taken;
-    # one costs about 64 ms of CPU, a grade about 430 ms)
+    # webcoding: a directory that keeps a PNG of every graded page's final state ("": none taken,
+    # about 5% less time a grade)
     webcoding_screenshots: str = ""
     swe_source: str = "generated"     # swe: generated (small repos made per task) | sample_repo (mutations) | a JSONL path
     swe_difficulty: int = 1           # swe: generated tasks; 0 = tiny mode (see envs/swe)

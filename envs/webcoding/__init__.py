@@ -1,7 +1,8 @@
 """WebCoding: the model writes an HTML page (HTML/CSS/JS in one document); it is graded in
 headless Chromium with the task's DOM and behaviour checks and no console errors, with a secondary
-layout score and, if asked for (`task.webcoding_screenshots`), a screenshot of the final page (see envs/webcoding/grader.py for the check types and
-envs/webcoding/browser.py for how the browser is isolated).
+layout score and, if asked for (`task.webcoding_screenshots`), a screenshot of the final page
+(see envs/webcoding/grader.py for the check types and envs/webcoding/browser.py for how the
+browser is isolated).
 
 Tasks are JSONL rows: `task_id`, `instruction`, `checks` (a list of check objects) and `oracle`
 (an HTML document that passes them, for demonstrations and replay tests). The seeded generator
@@ -262,8 +263,8 @@ class WebCodingEnv(GeneratedEnv):
     restarted if it dies); at most `concurrency` pages are graded at once.
 
     With a `screenshot_dir` (or the config's `webcoding_screenshots`) every grade saves a PNG of
-    the final page there; without, none is taken (about 64 ms of CPU of a ~430 ms grade, for an
-    image no reward reads)."""
+    the final page there; without, none is taken (no reward reads it, and it cost about 5% of a
+    grade's time)."""
 
     domain = "webcoding"
 
@@ -322,7 +323,8 @@ class WebCodingEnv(GeneratedEnv):
 
     async def verify(self, task: Task, response: str) -> tuple[float, dict]:
         """Extract the page from `response` and grade it. info: per-check results, console errors,
-        `screenshot` (a PNG path, or None without a screenshot dir), `layout_score` (secondary, not in the reward), `reason`."""
+        `screenshot` (a PNG path; None without a screenshot dir), `layout_score` (secondary, not in
+        the reward), `reason`."""
         html = extract_html(response)
         if not html:
             return 0.0, {"reason": "no HTML in the response", "checks": [], "console_errors": [],
