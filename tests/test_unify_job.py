@@ -122,7 +122,6 @@ def test_a_unify_run_stopped_in_its_base_sft_continues_it(ray_session, tmp_path,
     resumed run continues the SFT from there instead of starting it over."""
     import signal
     import threading
-    import time
 
     from rayrl.config import UnifyConfig, load_recipe, to_dict
     from rayrl.metrics import MetricsLogger
@@ -135,10 +134,12 @@ def test_a_unify_run_stopped_in_its_base_sft_continues_it(ray_session, tmp_path,
     recipes = [str(ROOT / "recipes" / "train_expert.yaml"), str(ROOT / "recipes" / "unify_distill.yaml")]
     metrics = run_dir / "metrics.jsonl"
 
+    finished = threading.Event()   # train_base returned or raised: no signal may follow
+
     def stop_once_logged():
-        deadline = time.monotonic() + 300
-        while len(records(metrics)) < stop_after and time.monotonic() < deadline:
-            time.sleep(0.05)
+        while len(records(metrics)) < stop_after:
+            if finished.wait(0.05):
+                return
         os.kill(os.getpid(), signal.SIGTERM)   # the driver's main thread gets it, as from `ray job stop`
 
     cfg = load_recipe(UnifyConfig, recipes, args)
@@ -147,9 +148,12 @@ def test_a_unify_run_stopped_in_its_base_sft_continues_it(ray_session, tmp_path,
     stopper = threading.Thread(target=stop_once_logged, daemon=True)
     stopper.start()
     log = MetricsLogger(str(run_dir), export_to_ray=False)
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-        train_base(cfg, str(run_dir), None, log)
-    stopper.join()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            train_base(cfg, str(run_dir), None, log)
+    finally:
+        finished.set()
+        stopper.join()
     log.close()
     done = len(records(metrics))
     assert stop_after <= done < steps
