@@ -51,18 +51,22 @@ def expert_config(cfg, domain: str, run_dir: str, base: str) -> GRPOConfig:
     return sub
 
 
+def furthest_checkpoint(run_dir: str, prefixes: tuple[str, ...], counter: str = "step") -> str | None:
+    """Of the run's complete checkpoints named with one of `prefixes`, the one furthest in by its
+    trainer state's `counter`, if any."""
+    found = [(checkpoint_state(c)[counter], c)
+             for c in complete_checkpoints(run_dir) if os.path.basename(c).startswith(prefixes)]
+    return max(found)[1] if found else None
+
+
 def distillation_checkpoint(run_dir: str) -> str | None:
     """The on-policy distillation's checkpoint furthest in (step_<N>, student_final), if any."""
-    found = [(checkpoint_state(c)["step"], c)
-             for c in complete_checkpoints(run_dir) if os.path.basename(c).startswith(("step_", "student_final"))]
-    return max(found)[1] if found else None
+    return furthest_checkpoint(run_dir, ("step_", "student_final"))
 
 
 def base_sft_checkpoint(run_dir: str) -> str | None:
     """The base's SFT stopped part way: its checkpoint furthest in (sft_<N>), if any."""
-    found = [(checkpoint_state(c)["sft_step"], c)
-             for c in complete_checkpoints(run_dir) if os.path.basename(c).startswith("sft_")]
-    return max(found)[1] if found else None
+    return furthest_checkpoint(run_dir, ("sft_",), "sft_step")
 
 
 def resume_point(run_dir: str) -> str | None:
