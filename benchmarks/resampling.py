@@ -86,7 +86,9 @@ def arm(model: str, overrides: list[str], args: dict, run_dir: str) -> dict:
             "groups_to_target": int(first["buffer/received"]) if first else None,
             "first_drop_step": int(dropped[0]["step"]) if dropped else None,
             "eval_start": summary["eval_before"], "eval_final": summary["eval_after"],
-            "groups_rolled_out": int(last["buffer/received"])}
+            "groups_rolled_out": int(last["buffer/received"]),
+            # replay.curate_samples: the prompts left after the offline difficulty filter
+            "prompts_trained": summary["curation"]["kept"] if "curation" in summary else args["prompts"]}
 
 
 def combine(runs: list[dict]) -> dict:

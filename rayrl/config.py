@@ -159,6 +159,12 @@ class ReplayConfig:
     # dropped longest ago come back): a small set would narrow to a few unsolvable prompts and the
     # policy collapse on them. 0 = SRPO as published (solved prompts never return).
     resampling_floor: float = 0.25
+    # Offline difficulty filter of the prompt set (needs prompts > 0): before RL, this many samples
+    # per prompt from the starting policy at the rollout temperature; 0 = off. curate_drop: which
+    # prompts leave the set: unsolved (no sample correct: they only give all-wrong groups), solved
+    # (every sample correct) or both.
+    curate_samples: int = 0
+    curate_drop: str = "unsolved"
 
 
 @dataclass
@@ -345,6 +351,7 @@ _CHOICES = {
     "learner.loss.ratio_level": ("token", "sequence", "turn"),
     "learner.loss.mcla.side": ("engine", "learner", "both"),
     "replay.resampling": ("none", "history"),
+    "replay.curate_drop": ("unsolved", "solved", "both"),
     "trainer.sft.schedule": SCHEDULES,
 }
 _MINIMUM = {  # key: smallest allowed value
@@ -357,7 +364,7 @@ _MINIMUM = {  # key: smallest allowed value
     "trainer.sft.final_lr_ratio": 0.0, "trainer.lr": 0.0, "task.eval_size": 1, "trainer.eval.samples": 1,
     "rollout.max_turns": 1, "rollout.max_episode_tokens": 1, "distill.steps": 0, "distill.lr": 0.0,
     "distill.topk": 0, "distill.teacher_temperature": 0.0, "unify.base_sft_steps": 0,
-    "replay.prompts": 0, "learner.loss.mcla.k": 0, "model.tiny.router_noise": 0.0, "srpo.eval_every": 0,
+    "replay.prompts": 0, "replay.curate_samples": 0, "learner.loss.mcla.k": 0, "model.tiny.router_noise": 0.0, "srpo.eval_every": 0,
     "model.tiny.num_experts": 1, "model.tiny.experts_per_token": 1, "model.tiny.expert_size": 1,
     "rollout.num_cpus": 0.0, "rollout.num_gpus": 0.0, "reward.num_cpus": 0.0, "learner.num_cpus": 0.0,
     "learner.num_gpus": 0.0, "distill.teacher_cpus": 0.0, "distill.teacher_gpus": 0.0, "sandbox.max_per_node": 1,
@@ -385,6 +392,9 @@ def _validate_schedule(cfg) -> None:
     environment's domains and give them positive shares."""
     if cfg.replay.resampling != "none" and cfg.replay.prompts < 1:
         raise ConfigError(f"replay.resampling={cfg.replay.resampling!r} needs a finite prompt set: "
+                          "set replay.prompts (tasks per domain) > 0")
+    if cfg.replay.curate_samples > 0 and cfg.replay.prompts < 1:
+        raise ConfigError(f"replay.curate_samples={cfg.replay.curate_samples} curates a finite prompt set: "
                           "set replay.prompts (tasks per domain) > 0")
     tiny = cfg.model.tiny
     if tiny.experts_per_token > tiny.num_experts:

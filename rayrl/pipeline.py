@@ -22,13 +22,14 @@ import ray
 from envs.pools import node_pools
 from rayrl.algo.distill import domain_reverse_kl
 from rayrl.algo.mismatch import check_served_versions
-from rayrl.algo.resampling import effective_fraction
+from rayrl.algo.resampling import curate, effective_fraction
 from rayrl.algo.schedule import lr_at
 from rayrl.config import check_resume, checkpoint_state, expand, role_demands, to_dict
 from rayrl.learner.group import LearnerGroup
 from rayrl.metrics import MetricsLogger
 from rayrl.models import load_tokenizer, resolve_model_path
 from rayrl.replay.buffer import ReplayBuffer
+from rayrl.replay.prompts import prompt_key
 from rayrl.reward.grader import RewardGrader
 from rayrl.rollout.generator import RolloutGenerator
 from rayrl.tree import decode, encode
@@ -153,17 +154,27 @@ class EvaluationError(RuntimeError):
     """A domain has no held-out score: the infrastructure failed under every one of its episodes."""
 
 
+def sample_rewards(gens: list, tasks: list[dict], samples: int, temperature: float) -> list[list[float | str]]:
+    """`samples` rewards per task under the generators' current weights (a str where the
+    infrastructure failed under the episode: why), the episodes spread over the generators."""
+    episodes = [i for i in range(len(tasks)) for _ in range(samples)]
+    shards = [episodes[g::len(gens)] for g in range(len(gens))]
+    values = ray.get([g.evaluate.remote([tasks[i] for i in shard], temperature) for g, shard in zip(gens, shards)])
+    out: list[list[float | str]] = [[] for _ in tasks]
+    for shard, shard_values in zip(shards, values):
+        for i, value in zip(shard, shard_values):
+            out[i].append(value)
+    return out
+
+
 def evaluate_domains(gens: list, tasks: list[dict], eval_cfg) -> dict[str, float]:
     """Held-out score per domain: the mean reward of `eval_cfg.samples` samples per task, spread
     over the generators. Episodes the infrastructure failed under are left out; a domain left
     with none raises EvaluationError (a score from nothing would bias every mean it enters)."""
-    tasks = [t for t in tasks for _ in range(eval_cfg.samples)]
-    shards = [tasks[i::len(gens)] for i in range(len(gens))]
-    scores = ray.get([g.evaluate.remote(s, eval_cfg.temperature) for g, s in zip(gens, shards)])
     by_domain: dict[str, list[float]] = {}
     failures: dict[str, list[str]] = {}
-    for shard, values in zip(shards, scores):
-        for task, value in zip(shard, values):
+    for task, values in zip(tasks, sample_rewards(gens, tasks, eval_cfg.samples, eval_cfg.temperature)):
+        for value in values:
             target = failures if isinstance(value, str) else by_domain
             target.setdefault(task["domain"], []).append(value)
     unscored = sorted(set(failures) - set(by_domain))
@@ -222,11 +233,14 @@ class Trainer:
         self.whole = True   # the learner's state is that of the last step counted (see `guarded`)
         self.evals: dict = {}   # the run's evaluations before RL, kept with checkpoints for the summary
         self.batch_request = None   # the learner's request to the buffer while it waits for a batch
+        self.curation: dict | None = None   # what curate_prompts kept and dropped
         self.eval_tasks = ray.get(roles.generators[0].eval_tasks.remote(cfg.task.eval_size))
+        self.train_tasks: list[dict] = []
         if cfg.replay.prompts:   # a finite training set, handed out by the buffer (epochs, History Resampling)
-            tasks = ray.get(roles.generators[0].train_tasks.remote(cfg.replay.prompts, cfg.run.seed))
-            ray.get(roles.buffer.set_prompts.remote(tasks, cfg.replay.resampling, cfg.replay.success_reward,
-                                                    cfg.run.seed, cfg.replay.resampling_floor))
+            self.train_tasks = ray.get(roles.generators[0].train_tasks.remote(cfg.replay.prompts, cfg.run.seed))
+            ray.get(roles.buffer.set_prompts.remote(self.train_tasks, cfg.replay.resampling,
+                                                    cfg.replay.success_reward, cfg.run.seed,
+                                                    cfg.replay.resampling_floor))
 
     def publish(self) -> None:
         ref = self.roles.learner.publish()
@@ -241,6 +255,24 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean held-out score over the domains."""
         return float(np.mean(list(self.evaluate_domains().values())))
+
+    def curate_prompts(self) -> dict:
+        """The offline difficulty filter (replay.curate_samples, curate_drop): samples every training
+        prompt with the current weights and narrows the buffer's set to the prompts kept. Returns
+        the counts (also kept as `self.curation`, and with checkpoints)."""
+        replay = self.cfg.replay
+        print(f"curating {len(self.train_tasks)} training prompts: {replay.curate_samples} samples each at "
+              f"temperature {self.cfg.rollout.temperature}, dropping the {replay.curate_drop} ones", flush=True)
+        samples = sample_rewards(self.roles.generators, self.train_tasks, replay.curate_samples,
+                                 self.cfg.rollout.temperature)
+        kept, counts = curate({prompt_key(t["domain"], t["id"]): [None if isinstance(r, str) else r for r in rs]
+                               for t, rs in zip(self.train_tasks, samples)}, replay.curate_drop,
+                              replay.success_reward)
+        ray.get(self.roles.buffer.keep_prompts.remote(kept))
+        self.curation = counts
+        print(f"curated: kept {counts['kept']} prompts ({counts['kept_ungraded']} without a graded sample), dropped "
+              f"{counts['dropped_unsolved']} unsolved and {counts['dropped_solved']} solved", flush=True)
+        return counts
 
     def monitor_evaluation(self, step: int) -> dict:
         """A held-out score during training, {"eval": mean, "eval/<domain>": score, ...}. It only
@@ -323,6 +355,9 @@ class Trainer:
         cfg, roles = self.cfg, self.roles
         steps = cfg.trainer.total_steps if steps is None else steps
         lr, kind = cfg.trainer.lr if lr is None else lr, "distill" if teachers else "rl"
+        if cfg.replay.curate_samples and self.curation is None:   # before a generator takes a prompt
+            with self.guarded("rl"):   # a stop in it saves step_<start>; resumed, it curates anew
+                self.curate_prompts()
         # Enough episodes in flight to fill every step the staleness bound lets generators run ahead.
         concurrency = -(-cfg.trainer.groups_per_step * (cfg.replay.max_staleness + 1) // len(roles.generators))
         runs = [g.run.remote(roles.buffer, roles.graders, concurrency, teachers, seeded=cfg.run.deterministic)
@@ -432,6 +467,7 @@ class Trainer:
             json.dump(snapshot["state"], f)
         save_held(os.path.join(path, "replay_held.msgpack"), snapshot["held"])
         state = {"step": self.step, "sft_step": self.sft_step, "version": self.version, "evals": self.evals,
+                 "curation": self.curation,
                  "generators": ray.get([g.rng_state.remote() for g in self.roles.generators]),
                  "metrics_lines": len(metrics_lines(run_dir)), "config": to_dict(self.cfg)}
         with open(state_path + ".tmp", "w") as f:
@@ -452,6 +488,7 @@ class Trainer:
         held = load_held(os.path.join(path, "replay_held.msgpack"))
         ray.get(self.roles.buffer.restore_held.remote([(meta, [ray.put(tree)]) for meta, tree in held]))
         self.step, self.version, self.evals = state["step"], state["version"], state["evals"]
+        self.curation = state.get("curation")
         # Checkpoints from before SFT could be resumed were all written after it.
         self.sft_step = state.get("sft_step", self.cfg.trainer.sft.steps)
         self.publish()
@@ -585,6 +622,7 @@ def run(cfg) -> dict:
         "reward_last": history[-1]["reward_mean"] if history else None,
         **throughput(history),
         "wall_s": time.time() - start, "checkpoint": checkpoint, "model": model_path,
+        **({"curation": trainer.curation} if trainer.curation else {}),
     }
     log.summary(summary)
     return summary

@@ -28,6 +28,8 @@ def test_overrides_are_typed_and_merged_over_yaml():
     ("replay.max_staleness=-1", "replay.max_staleness"),
     ("rollout.top_p=1.5", "rollout.top_p"),
     ("replay.resampling_floor=2", "replay.resampling_floor"),
+    ("replay.curate_samples=8", "replay.prompts"),   # curates a finite prompt set
+    ("replay.curate_drop=hard", "replay.curate_drop"),
     ("learner.zero_stage=4", "learner.zero_stage"),
     ("trainer.eval.samples=0", "trainer.eval.samples"),
 ])

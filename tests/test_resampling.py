@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from rayrl.algo.resampling import (ALL_CORRECT, ALL_WRONG, MIXED, UNGRADED, effective_fraction, group_outcome,
-                                   keep_group, next_epoch)
+from rayrl.algo.resampling import (ALL_CORRECT, ALL_WRONG, MIXED, UNGRADED, curate, effective_fraction,
+                                   group_outcome, keep_group, next_epoch)
 from rayrl.replay.buffer import ReplayBuffer
 from rayrl.replay.prompts import PromptSet, prompt_key
 
@@ -174,6 +174,36 @@ def test_the_floor_keeps_a_share_of_the_prompts_active():
     assert restored.floor == 0.5 and restored.dropped == ps.dropped
     with pytest.raises(ValueError, match="floor"):
         PromptSet(tasks("math", 2), history=True, floor=1.5)
+
+
+def test_curation_drops_prompts_by_pass_rate_and_keeps_those_without_evidence():
+    samples = {"never": [0.0, 0.0, 0.0], "always": [1.0, 1.0, None], "some": [0.0, 1.0, 0.0],
+               "failed": [None, None, None]}
+    assert curate(samples) == (["always", "some", "failed"], {"kept": 3, "kept_ungraded": 1, "dropped_unsolved": 1,
+                                                              "dropped_solved": 0})
+    assert curate(samples, "solved")[0] == ["never", "some", "failed"]
+    kept, counts = curate(samples, "both")
+    assert kept == ["some", "failed"] and counts["dropped_unsolved"] == counts["dropped_solved"] == 1
+    assert curate({"half": [0.5, 0.5]}, success=0.5)[0] == ["half"]
+    with pytest.raises(ValueError, match="hard"):
+        curate(samples, "hard")
+
+
+def test_a_curated_prompt_set_hands_out_only_the_kept_prompts_and_restores_into_the_whole_set():
+    ps = PromptSet(tasks("math", 6) + tasks("code", 2), history=True, seed=1)
+    ps.set_weights({"math": 1.0, "code": 1.0})
+    kept = [prompt_key("math", f"math-{i}") for i in (0, 2, 4)] + [prompt_key("code", "code-1")]
+    ps.keep(kept)
+    assert ps.weights == {"math": 1.0, "code": 1.0}           # a stage's mix survives the filter
+    assert set(drain(ps, 8)) == {"math-0", "math-2", "math-4", "code-1"}
+    assert ps.stats()["prompts/math/solved_dropped"] == 0     # curated away is not solved
+    restored = PromptSet(tasks("math", 6) + tasks("code", 2), history=True, seed=1)
+    restored.load_state_dict(json.loads(json.dumps(ps.state_dict())))
+    assert sorted(restored.tasks) == sorted(kept) and drain(restored, 8) == drain(ps, 8)
+    with pytest.raises(ValueError, match="no prompt of domain code"):
+        PromptSet(tasks("math", 2) + tasks("code", 2)).keep([prompt_key("math", "math-0")])
+    with pytest.raises(ValueError, match="not in the set"):
+        PromptSet(tasks("math", 2)).keep([prompt_key("math", "math-9")])
 
 
 def test_the_resampling_benchmark_pools_seeds_by_means_and_median_steps():

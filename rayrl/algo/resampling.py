@@ -15,6 +15,11 @@ to the gradient but dilutes the batch. Two remedies:
   otherwise narrows to a few prompts the policy cannot solve, and training on those alone
   collapses it (measured on 64 arithmetic prompts: 2 left after 56 steps, training reward
   0.6 -> 0.02, held-out 0.8 -> 0.52). Below the floor the prompts dropped longest ago come back.
+
+Before either, a finite prompt set can be curated offline (`curate`): a few samples per prompt from
+the starting policy, and the prompts it never solves (or always solves) leave the set, the data
+filtering by pass rate that RL recipes run before training. Its never-solved prompts would
+otherwise give all-wrong groups, epoch after epoch, that History Resampling keeps by design.
 """
 
 from __future__ import annotations
@@ -63,6 +68,29 @@ def next_epoch(active: Sequence[str], latest: Mapping[str, str], dropped: Sequen
     dropped = [*dropped, *(p for p in active if latest.get(p) == ALL_CORRECT)]
     back = max(min_active - len(kept), 0)
     return kept + dropped[:back], dropped[back:]
+
+
+CURATE_DROPS = {"unsolved": (ALL_WRONG,), "solved": (ALL_CORRECT,), "both": (ALL_WRONG, ALL_CORRECT)}
+
+
+def curate(samples: Mapping[str, Iterable[float | None]], drop: str = "unsolved",
+           success: float = 1.0) -> tuple[list[str], dict[str, int]]:
+    """Offline difficulty filter: (the prompts kept, in order; counts by why) from each prompt's
+    sampled rewards. `drop`: unsolved (no sample correct), solved (every sample correct) or both.
+    A prompt with no valid sample (the infrastructure failed under all of them) is kept: there is
+    no evidence against it."""
+    if drop not in CURATE_DROPS:
+        raise ValueError(f"curate drop={drop!r} is not one of {', '.join(CURATE_DROPS)}")
+    kept, counts = [], {"kept": 0, "kept_ungraded": 0, "dropped_unsolved": 0, "dropped_solved": 0}
+    for prompt, rewards in samples.items():
+        outcome = group_outcome(rewards, success)
+        if outcome in CURATE_DROPS[drop]:
+            counts["dropped_unsolved" if outcome == ALL_WRONG else "dropped_solved"] += 1
+            continue
+        kept.append(prompt)
+        counts["kept"] += 1
+        counts["kept_ungraded"] += outcome == UNGRADED
+    return kept, counts
 
 
 def effective_fraction(groups: Iterable[Sequence[float | None]]) -> float:

@@ -71,6 +71,10 @@ class ReplayBuffer:
         self.success = success
         self.prompts = PromptSet(tasks, history=resampling == "history", success=success, seed=seed, floor=floor)
 
+    def keep_prompts(self, keys: list[str]) -> None:
+        """Narrow the prompt set to these of its prompts (see PromptSet.keep)."""
+        self.prompts.keep(keys)
+
     def set_stage(self, weights: dict[str, float]) -> None:
         """The domain mix of the prompts handed out from now on (a schedule's stage)."""
         self.prompts.set_weights(weights)

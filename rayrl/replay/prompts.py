@@ -12,6 +12,9 @@ active: below that, the prompts dropped longest ago come back (counted as readmi
 every prompt of a domain be solved (floor 0), its epoch starts over with the whole set (counted
 as a restart) rather than stalling the run.
 
+`keep` narrows the set before training (an offline difficulty filter, rayrl.algo.resampling.curate);
+a checkpoint of a narrowed set restores into the whole one it was narrowed from.
+
 The whole state is a JSON-able dict (`state_dict` / `load_state_dict`), saved with checkpoints.
 """
 
@@ -64,6 +67,23 @@ class PromptSet:
                              f"(domains with prompts: {', '.join(sorted(self.pool))})")
         self.weights = {d: float(w) for d, w in weights.items()}
         self.issued = Counter()
+
+    def keep(self, keys: list[str]) -> None:
+        """From now on the set is these of its prompts (e.g. curated by pass rate); every domain
+        must keep at least one. Epochs start over; the record is kept."""
+        unknown = sorted(set(keys) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"{len(unknown)} prompts to keep are not in the set (first: {unknown[0]})")
+        keep = set(keys)
+        emptied = sorted(d for d, pool in self.pool.items() if not keep.intersection(pool))
+        if emptied:
+            raise ValueError(f"no prompt of domain {', '.join(emptied)} would be left")
+        self.tasks = {k: t for k, t in self.tasks.items() if k in keep}
+        for d in self.pool:
+            self.pool[d] = [k for k in self.pool[d] if k in keep]
+            self.active[d] = [k for k in self.active[d] if k in keep]
+            self.dropped[d] = [k for k in self.dropped[d] if k in keep]
+            self.order[d] = []
 
     def _next_domain(self) -> str:
         total = sum(self.weights.values())
@@ -130,9 +150,11 @@ class PromptSet:
                 "latest": self.latest, "issued_epoch": self._issued_epoch}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["keys"] != sorted(self.tasks):
+        if not set(state["keys"]) <= set(self.tasks):
             raise ValueError("the saved prompt-set state is for a different set of tasks "
                              f"({len(state['keys'])} saved, {len(self.tasks)} here)")
+        if len(state["keys"]) < len(self.tasks):   # saved after `keep` narrowed the set
+            self.keep(state["keys"])
         self.history, self.success, self.seed = state["history"], state["success"], state["seed"]
         self.active = {d: list(v) for d, v in state["active"].items()}
         self.order = {d: list(v) for d, v in state["order"].items()}
