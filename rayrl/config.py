@@ -161,10 +161,11 @@ class ReplayConfig:
     resampling_floor: float = 0.25
     # Offline difficulty filter of the prompt set (needs prompts > 0): before RL, this many samples
     # per prompt from the starting policy at the rollout temperature; 0 = off. curate_drop: which
-    # prompts leave the set: unsolved (no sample correct: they only give all-wrong groups), solved
-    # (every sample correct) or both.
+    # prompts leave the set: unsolved (at most curate_min_pass of the samples correct; 0: none; they
+    # mostly give all-wrong groups), solved (every sample correct) or both.
     curate_samples: int = 0
     curate_drop: str = "unsolved"
+    curate_min_pass: float = 0.0
 
 
 @dataclass
@@ -592,9 +593,10 @@ def validate(cfg) -> None:
         if samples > 1 and temperature <= 0:
             raise ConfigError(f"trainer.eval.samples={samples} needs trainer.eval.temperature > 0: greedy "
                               "decoding gives the same sample every time")
-        floor = _get(cfg, "replay.resampling_floor")
-        if not 0.0 <= floor <= 1.0:
-            raise ConfigError(f"replay.resampling_floor={floor!r} must be in [0, 1] (a share of each domain's prompts)")
+        for key in ("replay.resampling_floor", "replay.curate_min_pass"):
+            share = _get(cfg, key)
+            if not 0.0 <= share <= 1.0:
+                raise ConfigError(f"{key}={share!r} must be in [0, 1] (a share of prompts or samples)")
     except AttributeError:
         pass
 

@@ -262,12 +262,13 @@ class Trainer:
         the counts (also kept as `self.curation`, and with checkpoints)."""
         replay = self.cfg.replay
         print(f"curating {len(self.train_tasks)} training prompts: {replay.curate_samples} samples each at "
-              f"temperature {self.cfg.rollout.temperature}, dropping the {replay.curate_drop} ones", flush=True)
+              f"temperature {self.cfg.rollout.temperature}, dropping the {replay.curate_drop} ones"
+              + (f" (unsolved: pass rate <= {replay.curate_min_pass})" if replay.curate_drop != "solved" else ""), flush=True)
         samples = sample_rewards(self.roles.generators, self.train_tasks, replay.curate_samples,
                                  self.cfg.rollout.temperature)
         kept, counts = curate({prompt_key(t["domain"], t["id"]): [None if isinstance(r, str) else r for r in rs]
                                for t, rs in zip(self.train_tasks, samples)}, replay.curate_drop,
-                              replay.success_reward)
+                              replay.success_reward, replay.curate_min_pass)
         ray.get(self.roles.buffer.keep_prompts.remote(kept))
         self.curation = counts
         print(f"curated: kept {counts['kept']} prompts ({counts['kept_ungraded']} without a graded sample), dropped "

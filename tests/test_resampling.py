@@ -185,6 +185,9 @@ def test_curation_drops_prompts_by_pass_rate_and_keeps_those_without_evidence():
     kept, counts = curate(samples, "both")
     assert kept == ["some", "failed"] and counts["dropped_unsolved"] == counts["dropped_solved"] == 1
     assert curate({"half": [0.5, 0.5]}, success=0.5)[0] == ["half"]
+    rare = {"one_in_4": [1.0, 0.0, 0.0, 0.0], "two_in_4": [1.0, 1.0, 0.0, 0.0]}
+    assert curate(rare, min_pass=0.25) == (["two_in_4"], {"kept": 1, "kept_ungraded": 0, "dropped_unsolved": 1,
+                                                          "dropped_solved": 0})
     with pytest.raises(ValueError, match="hard"):
         curate(samples, "hard")
 

@@ -70,26 +70,28 @@ def next_epoch(active: Sequence[str], latest: Mapping[str, str], dropped: Sequen
     return kept + dropped[:back], dropped[back:]
 
 
-CURATE_DROPS = {"unsolved": (ALL_WRONG,), "solved": (ALL_CORRECT,), "both": (ALL_WRONG, ALL_CORRECT)}
+CURATE_DROPS = {"unsolved": ("unsolved",), "solved": ("solved",), "both": ("unsolved", "solved")}
 
 
-def curate(samples: Mapping[str, Iterable[float | None]], drop: str = "unsolved",
-           success: float = 1.0) -> tuple[list[str], dict[str, int]]:
+def curate(samples: Mapping[str, Iterable[float | None]], drop: str = "unsolved", success: float = 1.0,
+           min_pass: float = 0.0) -> tuple[list[str], dict[str, int]]:
     """Offline difficulty filter: (the prompts kept, in order; counts by why) from each prompt's
-    sampled rewards. `drop`: unsolved (no sample correct), solved (every sample correct) or both.
-    A prompt with no valid sample (the infrastructure failed under all of them) is kept: there is
-    no evidence against it."""
+    sampled rewards. `drop`: unsolved (at most `min_pass` of the samples correct; 0: none),
+    solved (every sample correct) or both. A prompt with no valid sample (the infrastructure
+    failed under all of them) is kept: there is no evidence against it."""
     if drop not in CURATE_DROPS:
         raise ValueError(f"curate drop={drop!r} is not one of {', '.join(CURATE_DROPS)}")
     kept, counts = [], {"kept": 0, "kept_ungraded": 0, "dropped_unsolved": 0, "dropped_solved": 0}
     for prompt, rewards in samples.items():
-        outcome = group_outcome(rewards, success)
-        if outcome in CURATE_DROPS[drop]:
-            counts["dropped_unsolved" if outcome == ALL_WRONG else "dropped_solved"] += 1
+        valid = valid_rewards(rewards)
+        rate = sum(r >= success for r in valid) / len(valid) if valid else None
+        why = None if rate is None else ("unsolved" if rate <= min_pass else "solved" if rate == 1.0 else None)
+        if why and why in CURATE_DROPS[drop]:
+            counts[f"dropped_{why}"] += 1
             continue
         kept.append(prompt)
         counts["kept"] += 1
-        counts["kept_ungraded"] += outcome == UNGRADED
+        counts["kept_ungraded"] += rate is None
     return kept, counts
 
 
