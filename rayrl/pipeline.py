@@ -257,18 +257,24 @@ class Trainer:
         return float(np.mean(list(self.evaluate_domains().values())))
 
     def curate_prompts(self) -> dict:
-        """The offline difficulty filter (replay.curate_samples, curate_drop): samples every training
-        prompt with the current weights and narrows the buffer's set to the prompts kept. Returns
-        the counts (also kept as `self.curation`, and with checkpoints)."""
-        replay = self.cfg.replay
-        print(f"curating {len(self.train_tasks)} training prompts: {replay.curate_samples} samples each at "
-              f"temperature {self.cfg.rollout.temperature}, dropping the {replay.curate_drop} ones"
-              + (f" (unsolved: pass rate <= {replay.curate_min_pass})" if replay.curate_drop != "solved" else ""), flush=True)
-        samples = sample_rewards(self.roles.generators, self.train_tasks, replay.curate_samples,
-                                 self.cfg.rollout.temperature)
-        kept, counts = curate({prompt_key(t["domain"], t["id"]): [None if isinstance(r, str) else r for r in rs]
-                               for t, rs in zip(self.train_tasks, samples)}, replay.curate_drop,
-                              replay.success_reward, replay.curate_min_pass)
+        """The offline difficulty filter (replay.curate_samples, curate_drop, curate_min_pass):
+        samples every training prompt with the current weights and narrows the buffer's set to the
+        prompts kept. Returns the counts (also kept as `self.curation`, and with checkpoints)."""
+        replay, tasks = self.cfg.replay, self.train_tasks
+        unsolved = f" (unsolved: pass rate <= {replay.curate_min_pass})" if replay.curate_drop != "solved" else ""
+        print(f"curating {len(tasks)} training prompts: {replay.curate_samples} samples each at temperature "
+              f"{self.cfg.rollout.temperature}, dropping the {replay.curate_drop} ones{unsolved}", flush=True)
+        samples = sample_rewards(self.roles.generators, tasks, replay.curate_samples, self.cfg.rollout.temperature)
+        keys = [prompt_key(t["domain"], t["id"]) for t in tasks]
+        kept, counts = curate({k: [None if isinstance(r, str) else r for r in rs] for k, rs in zip(keys, samples)},
+                              replay.curate_drop, replay.success_reward, replay.curate_min_pass)
+        kept_set = set(kept)
+        emptied = sorted({t["domain"] for t in tasks} - {t["domain"] for k, t in zip(keys, tasks) if k in kept_set})
+        if emptied:
+            raise ValueError(f"replay.curate_samples: curation leaves no training prompt of domain "
+                             f"{', '.join(emptied)} ({counts['dropped_unsolved']} unsolved{unsolved}, "
+                             f"{counts['dropped_solved']} solved in all); lower replay.curate_min_pass, change "
+                             "replay.curate_drop, or curate from a better starting policy")
         ray.get(self.roles.buffer.keep_prompts.remote(kept))
         self.curation = counts
         print(f"curated: kept {counts['kept']} prompts ({counts['kept_ungraded']} without a graded sample), dropped "

@@ -106,6 +106,7 @@ def srpo(cfg) -> dict:
         "rollout_effective": buffer["rollout_effective"],
         "prompts": {k: v for k, v in buffer.items() if k.startswith("prompts/")},
         "rl_steps": len(history), "wall_s": time.time() - start, "checkpoint": checkpoint, "model": model_path,
+        **({"curation": trainer.curation} if trainer.curation else {}),
     }
     log.summary(summary)
     return summary

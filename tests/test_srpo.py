@@ -99,7 +99,8 @@ def test_srpo_run_switches_stages_and_saves_the_resampling_record(ray_session, t
         "srpo.stages.0.steps=3", "srpo.stages.0.plateau_patience=1", "srpo.stages.0.plateau_delta=0.5",
         "srpo.stages.1.steps=2",
         "model.tiny.family=qwen3_moe", "model.tiny.router_noise=0.5", "model.tiny.num_layers=1",
-        "learner.loss.mcla.k=2", "learner.loss.mcla.routing_replay=true"])
+        "learner.loss.mcla.k=2", "learner.loss.mcla.routing_replay=true",
+        "replay.curate_samples=2", "replay.curate_drop=solved"])
     summary = srpo(cfg)
 
     names = [s["name"] for s in summary["stages"]]
@@ -122,4 +123,8 @@ def test_srpo_run_switches_stages_and_saves_the_resampling_record(ray_session, t
     state = json.loads((tmp_path / "checkpoints" / "final" / "replay_state.json").read_text())
     records = state["prompts"]["records"]
     assert state["prompts"]["history"] and any(k.startswith("math:") for k in records)
+    # Curated before the first RL step: only the prompts it kept were handed out.
+    curation = summary["curation"]
+    assert curation["kept"] + curation["dropped_solved"] == 16 and curation["dropped_unsolved"] == 0
+    assert len(state["prompts"]["keys"]) == curation["kept"] and set(records) <= set(state["prompts"]["keys"])
     assert all(correct <= valid for rows in records.values() for _, correct, valid in rows)
