@@ -261,9 +261,10 @@ class Trainer:
         samples every training prompt with the current weights and narrows the buffer's set to the
         prompts kept. Returns the counts (also kept as `self.curation`, and with checkpoints)."""
         replay, tasks = self.cfg.replay, self.train_tasks
-        unsolved = f" (unsolved: pass rate <= {replay.curate_min_pass})" if replay.curate_drop != "solved" else ""
+        unsolved = f"pass rate <= {replay.curate_min_pass}"
         print(f"curating {len(tasks)} training prompts: {replay.curate_samples} samples each at temperature "
-              f"{self.cfg.rollout.temperature}, dropping the {replay.curate_drop} ones{unsolved}", flush=True)
+              f"{self.cfg.rollout.temperature}, dropping the {replay.curate_drop} ones"
+              + (f" (unsolved: {unsolved})" if replay.curate_drop != "solved" else ""), flush=True)
         samples = sample_rewards(self.roles.generators, tasks, replay.curate_samples, self.cfg.rollout.temperature)
         keys = [prompt_key(t["domain"], t["id"]) for t in tasks]
         kept, counts = curate({k: [None if isinstance(r, str) else r for r in rs] for k, rs in zip(keys, samples)},
@@ -272,7 +273,7 @@ class Trainer:
         emptied = sorted({t["domain"] for t in tasks} - {t["domain"] for k, t in zip(keys, tasks) if k in kept_set})
         if emptied:
             raise ValueError(f"replay.curate_samples: curation leaves no training prompt of domain "
-                             f"{', '.join(emptied)} ({counts['dropped_unsolved']} unsolved{unsolved}, "
+                             f"{', '.join(emptied)} ({counts['dropped_unsolved']} unsolved at {unsolved}, "
                              f"{counts['dropped_solved']} solved in all); lower replay.curate_min_pass, change "
                              "replay.curate_drop, or curate from a better starting policy")
         ray.get(self.roles.buffer.keep_prompts.remote(kept))
