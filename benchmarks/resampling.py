@@ -28,7 +28,8 @@ vary by about ±8 on the default.
         [warm=CHECKPOINT] [arms=vanilla,dynamic,hr] [any.config.key=value ...]
 
 (`warm`: reuse the warm-start checkpoint of an earlier run; config keys apply to every run, e.g.
-rollout.temperature=0.5.) Last line: one JSON object with effective_ratio_{hr,dynamic,vanilla},
+rollout.temperature=0.5, or replay.curate_samples=16 replay.curate_min_pass=0.15 to curate each
+run's prompts by the warm start's pass rate first: `prompts_trained` is then what it kept.) Last line: one JSON object with effective_ratio_{hr,dynamic,vanilla},
 steps_to_target_{...} (null if never reached; with seeds, the median, and the runs' own in
 steps_to_target_{...}_per_seed) and the targets' checks.
 """
@@ -132,6 +133,9 @@ def main(argv: list[str]) -> None:
               f"{r['rollout_all_correct']:>11.3f}{r['rollout_all_wrong']:>11.3f}{r['drops_per_group']:>9.3f}"
               f"{to(r['steps_to_target']):>10}{to(r['groups_to_target']):>11}{to(r['first_drop_step']):>7}"
               f"{r['eval_start']:>10.3f}{r['eval_final']:>10.3f}")
+    if any(r["prompts_trained"] != args["prompts"] for r in results.values()):
+        print("training prompts after curation: " + "; ".join(
+            f"{name} {r['prompts_trained']:g}" for name, r in results.items()))
     if args["seeds"] > 1:
         print("steps to the target, per seed: " + "; ".join(
             f"{name} {' '.join(map(to, r['steps_to_target_per_seed']))}" for name, r in results.items()))
