@@ -27,8 +27,8 @@ import ray
 from rayrl.config import GRPOConfig, check_resume, checkpoint_state, complete_checkpoints, expand, latest_checkpoint
 from rayrl.metrics import MetricsLogger
 from rayrl.models import resolve_model_path
-from rayrl.pipeline import (Trainer, evaluate_domains, kill_closed, metrics_lines, role_options, run, spawn,
-                            start_run)
+from rayrl.pipeline import (Trainer, evaluate_domains, kill_closed, metrics_lines, rewind_metrics, role_options, run,
+                            spawn, start_run)
 from rayrl.rollout.generator import RolloutGenerator
 from rayrl.rollout.teacher import Teacher
 
@@ -179,9 +179,11 @@ def evaluate_experts(cfg, experts: dict[str, dict], base: str) -> None:
             kill_closed([gen])
 
 
-def offpolicy_batches(cfg, experts: dict[str, dict], seed: int):
-    """Per step, the experts' own samples on their domains' training prompts: groups_per_step
-    groups split evenly over the domains (the mixture the student samples from)."""
+def offpolicy_batches(cfg, experts: dict[str, dict], seed: int, start: int = 0):
+    """Per step after `start`, the experts' own samples on their domains' training prompts:
+    groups_per_step groups split evenly over the domains (the mixture the student samples from)."""
+    if start >= cfg.distill.steps:
+        return
     domains = list(cfg.unify.domains)
     gens = {d: ray.remote(RolloutGenerator).options(**role_options(0, cfg.rollout.num_gpus, cfg.rollout.resources),
                                                     max_concurrency=1000).remote(
@@ -197,14 +199,47 @@ def offpolicy_batches(cfg, experts: dict[str, dict], seed: int):
                 for d, n in zip(domains, per_domain) if n]
 
     try:
-        pending = request(0)
-        for step in range(cfg.distill.steps):
+        pending = request(start)
+        for step in range(start, cfg.distill.steps):
             batch = [g for part in ray.get(pending) for g in part]
             if step + 1 < cfg.distill.steps:
                 pending = request(step + 1)
             yield batch
     finally:
         kill_closed(list(gens.values()))
+
+
+def offpolicy_baseline(cfg, scfg, run_dir: str, experts: dict[str, dict], base: str,
+                       resume: bool) -> tuple[dict[str, float], list[dict]]:
+    """The baseline: the base trained by SFT on the experts' own samples for as many updates as the
+    distillation, in run_dir/offpolicy; (held-out scores, logged updates). A stop saves its last
+    whole update (offpolicy/checkpoints/sft_<N>), which a resumed run continues."""
+    from tqdm import tqdm
+
+    bcfg = copy.deepcopy(scfg)
+    bcfg.trainer.sft.lr = cfg.distill.baseline_lr
+    bcfg.run.dir = os.path.join(run_dir, "offpolicy")
+    stopped = base_sft_checkpoint(bcfg.run.dir) if resume else None
+    if resume:   # its metrics are cut back to the checkpoint it continues from, or all moved aside
+        rewind_metrics(bcfg.run.dir, checkpoint_state(stopped)["metrics_lines"] if stopped else 0)
+    roles = spawn(bcfg, base)
+    try:
+        trainer = Trainer(bcfg, roles, base)
+        if stopped:
+            trainer.restore(stopped)
+            print(f"off-policy baseline: resumed from {stopped} (update {trainer.sft_step})", flush=True)
+        log = MetricsLogger(bcfg.run.dir)
+        with tqdm(total=cfg.distill.steps, initial=trainer.sft_step, desc="off-policy baseline",
+                  disable=not cfg.run.progress) as bar:
+            trainer.warm_start(log, bar, steps=cfg.distill.steps, start=trainer.sft_step,
+                               batches=offpolicy_batches(cfg, experts, cfg.run.seed + 17, trainer.sft_step))
+        history = [json.loads(line) for line in metrics_lines(bcfg.run.dir)]   # with those before a stop
+        scores = trainer.evaluate_domains()
+        print(f"student after off-policy distillation, held-out: {format_scores(scores)}", flush=True)
+        log.close()
+    finally:
+        roles.shutdown()
+    return scores, history
 
 
 def unify(cfg) -> dict:
@@ -262,27 +297,8 @@ def unify(cfg) -> dict:
             ray.kill(t)
     distill_s = time.time() - start - base_s - experts_s
 
-    baseline, baseline_history = None, []
-    if cfg.distill.baseline:
-        roles = spawn(scfg, base)
-        try:
-            trainer = Trainer(scfg, roles, base)
-            bcfg = copy.deepcopy(scfg)
-            bcfg.trainer.sft.lr = cfg.distill.baseline_lr
-            trainer.cfg = bcfg
-            if resume and metrics_lines(os.path.join(run_dir, "offpolicy")):   # it starts over
-                os.replace(os.path.join(run_dir, "offpolicy", "metrics.jsonl"),
-                           os.path.join(run_dir, "offpolicy", "metrics.lost.jsonl"))
-            blog = MetricsLogger(os.path.join(run_dir, "offpolicy"))
-            with tqdm(total=cfg.distill.steps, desc="off-policy baseline", disable=not cfg.run.progress) as bar:
-                baseline_history = trainer.warm_start(blog, bar, steps=cfg.distill.steps,
-                                                      batches=offpolicy_batches(cfg, experts, cfg.run.seed + 17),
-                                                      phase=None)
-            baseline = trainer.evaluate_domains()
-            print(f"student after off-policy distillation, held-out: {format_scores(baseline)}", flush=True)
-            blog.close()
-        finally:
-            roles.shutdown()
+    baseline, baseline_history = (offpolicy_baseline(cfg, scfg, run_dir, experts, base, bool(resume))
+                                  if cfg.distill.baseline else (None, []))
 
     domains = {d: {"expert": experts[d]["eval"], "student_before": before.get(d), "student_after": after.get(d),
                    **({"student_after_offpolicy": baseline.get(d)} if baseline else {})}

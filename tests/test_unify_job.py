@@ -6,19 +6,46 @@ is stopped twice on the way (during the first expert's GRPO, then during the dis
 time submitted again with run.resume, which must continue where it stopped.
 """
 
+import contextlib
 import json
 import os
 import re
+import signal
+import threading
 
 import pytest
 
 from tests.ray_head import ray_head
+from tests.test_config import ROOT
+
+RECIPES = [str(ROOT / "recipes" / "train_expert.yaml"), str(ROOT / "recipes" / "unify_distill.yaml")]
 
 
 def records(path) -> list[dict]:
     """The whole lines of a (running) run's metrics.jsonl."""
     lines = path.read_text().splitlines(keepends=True) if path.exists() else []
     return [json.loads(line) for line in lines if line.endswith("\n")]
+
+
+@contextlib.contextmanager
+def sigterm_once_logged(metrics, count: int):
+    """SIGTERM to this process, as `ray job stop` sends the driver (its main thread gets it), once
+    `metrics` holds `count` records; none once the body has returned or raised."""
+    finished = threading.Event()
+
+    def stop():
+        while len(records(metrics)) < count:
+            if finished.wait(0.05):
+                return
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop, daemon=True)
+    stopper.start()
+    try:
+        yield
+    finally:
+        finished.set()
+        stopper.join()
 
 
 @pytest.mark.slow
@@ -120,47 +147,28 @@ def test_a_reused_experts_score_counts_only_if_measured_the_same_way(tmp_path):
 def test_a_unify_run_stopped_in_its_base_sft_continues_it(ray_session, tmp_path, capsys):
     """A stop (SIGTERM: `ray job stop`) during the base's SFT saves its last whole update; the
     resumed run continues the SFT from there instead of starting it over."""
-    import signal
-    import threading
-
     from rayrl.config import UnifyConfig, load_recipe, to_dict
     from rayrl.metrics import MetricsLogger
     from rayrl.unify import resume_point, train_base
-    from tests.test_config import ROOT
 
     run_dir, steps, stop_after = tmp_path / "unify", 40, 15
     args = ["unify.domains=[general]", f"unify.base_sft_steps={steps}", "trainer.sft.batch_size=8",
             "task.eval_size=4", "run.progress=false", f"run.dir={run_dir}"]
-    recipes = [str(ROOT / "recipes" / "train_expert.yaml"), str(ROOT / "recipes" / "unify_distill.yaml")]
     metrics = run_dir / "metrics.jsonl"
 
-    finished = threading.Event()   # train_base returned or raised: no signal may follow
-
-    def stop_once_logged():
-        while len(records(metrics)) < stop_after:
-            if finished.wait(0.05):
-                return
-        os.kill(os.getpid(), signal.SIGTERM)   # the driver's main thread gets it, as from `ray job stop`
-
-    cfg = load_recipe(UnifyConfig, recipes, args)
+    cfg = load_recipe(UnifyConfig, RECIPES, args)
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg)))   # as the recipe's start_run writes it
-    stopper = threading.Thread(target=stop_once_logged, daemon=True)
-    stopper.start()
     log = MetricsLogger(str(run_dir), export_to_ray=False)
-    try:
-        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-            train_base(cfg, str(run_dir), None, log)
-    finally:
-        finished.set()
-        stopper.join()
+    with sigterm_once_logged(metrics, stop_after), pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        train_base(cfg, str(run_dir), None, log)
     log.close()
     done = len(records(metrics))
     assert stop_after <= done < steps
     assert resume_point(str(run_dir)) == str(run_dir / "checkpoints" / f"sft_{done}")   # the last logged update
 
     log = MetricsLogger(str(run_dir), export_to_ray=False)
-    base = train_base(load_recipe(UnifyConfig, recipes, [*args, f"run.resume={run_dir}"]), str(run_dir),
+    base = train_base(load_recipe(UnifyConfig, RECIPES, [*args, f"run.resume={run_dir}"]), str(run_dir),
                       str(run_dir), log)
     log.close()
     assert f"base: SFT {steps} steps on general, resumed from {run_dir}/checkpoints/sft_{done}" in capsys.readouterr().out
@@ -169,3 +177,31 @@ def test_a_unify_run_stopped_in_its_base_sft_continues_it(ray_session, tmp_path,
     assert [r["step"] for r in logged] == list(range(-steps + 1, 1))   # each update once
     # The resumed updates start from the stopped one's weights, not from the untrained model.
     assert logged[done]["sft_nll"] < 0.5 * logged[0]["sft_nll"], [r["sft_nll"] for r in logged]
+
+
+@pytest.mark.slow
+def test_the_off_policy_baseline_stopped_part_way_continues_where_it_stopped(ray_session, tmp_path, capsys):
+    """The off-policy baseline, stopped part way, saves its last whole update; the resumed run
+    continues it there (its updates logged once each) instead of starting it over."""
+    from rayrl.config import UnifyConfig, load_recipe
+    from rayrl.models import resolve_model_path
+    from rayrl.unify import offpolicy_baseline, student_config
+
+    run_dir, steps, stop_after = tmp_path / "unify", 12, 4
+    cfg = load_recipe(UnifyConfig, RECIPES, [
+        "unify.domains=[general]", f"distill.steps={steps}", "trainer.groups_per_step=2", "rollout.group_size=2",
+        "task.eval_size=4", "run.progress=false", f"run.dir={run_dir}"])
+    base = resolve_model_path(cfg.model)   # the untrained tiny model, as base and as the expert
+    experts = {"general": {"path": base, "eval": None}}
+    metrics = run_dir / "offpolicy" / "metrics.jsonl"
+    with sigterm_once_logged(metrics, stop_after), pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        offpolicy_baseline(cfg, student_config(cfg), str(run_dir), experts, base, resume=False)
+    done = len(records(metrics))
+    assert stop_after <= done < steps
+    saved = run_dir / "offpolicy" / "checkpoints" / f"sft_{done}"
+    assert (saved / "trainer_state.json").exists()
+
+    scores, history = offpolicy_baseline(cfg, student_config(cfg), str(run_dir), experts, base, resume=True)
+    assert f"off-policy baseline: resumed from {saved} (update {done})" in capsys.readouterr().out
+    assert [r["step"] for r in history] == [r["step"] for r in records(metrics)] == list(range(-steps + 1, 1))
+    assert set(scores) == {"general"} and 0.0 <= scores["general"] <= 1.0
