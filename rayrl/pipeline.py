@@ -260,12 +260,21 @@ class Trainer:
         """The offline difficulty filter (replay.curate_samples, curate_drop, curate_min_pass):
         samples every training prompt with the current weights and narrows the buffer's set to the
         prompts kept. Returns the counts (also kept as `self.curation`, and with checkpoints)."""
+        from tqdm import tqdm
+
         replay, tasks = self.cfg.replay, self.train_tasks
         unsolved = f"pass rate <= {replay.curate_min_pass}"
         print(f"curating {len(tasks)} training prompts: {replay.curate_samples} samples each at temperature "
               f"{self.cfg.rollout.temperature}, dropping the {replay.curate_drop} ones"
               + (f" (unsolved: {unsolved})" if replay.curate_drop != "solved" else ""), flush=True)
-        samples = sample_rewards(self.roles.generators, tasks, replay.curate_samples, self.cfg.rollout.temperature)
+        # In chunks, for progress on a large set; each chunk still fills every generator's engine batches.
+        gens = self.roles.generators
+        chunk = max(1, -(-4 * len(gens) * self.cfg.rollout.max_batch // replay.curate_samples))
+        samples = []
+        with tqdm(total=len(tasks), desc="curation", unit="prompt", disable=not self.cfg.run.progress) as bar:
+            for i in range(0, len(tasks), chunk):
+                samples += sample_rewards(gens, tasks[i:i + chunk], replay.curate_samples, self.cfg.rollout.temperature)
+                bar.update(len(tasks[i:i + chunk]))
         keys = [prompt_key(t["domain"], t["id"]) for t in tasks]
         kept, counts = curate({k: [None if isinstance(r, str) else r for r in rs] for k, rs in zip(keys, samples)},
                               replay.curate_drop, replay.success_reward, replay.curate_min_pass)
