@@ -209,6 +209,15 @@ def offpolicy_batches(cfg, experts: dict[str, dict], seed: int, start: int = 0):
         kill_closed(list(gens.values()))
 
 
+def continued_trainer(cfg, roles, base: str, checkpoint: str | None, phase: str) -> Trainer:
+    """A Trainer of `phase` on `roles`, continued from `checkpoint` if one is given."""
+    trainer = Trainer(cfg, roles, base)
+    if checkpoint:
+        trainer.restore(checkpoint)
+        print(f"{phase}: resumed from {checkpoint}", flush=True)
+    return trainer
+
+
 def offpolicy_baseline(cfg, scfg, run_dir: str, experts: dict[str, dict], base: str,
                        resume: bool) -> tuple[dict[str, float], list[dict]]:
     """The baseline: the base trained by SFT on the experts' own samples for as many updates as the
@@ -224,10 +233,7 @@ def offpolicy_baseline(cfg, scfg, run_dir: str, experts: dict[str, dict], base: 
         rewind_metrics(bcfg.run.dir, checkpoint_state(stopped)["metrics_lines"] if stopped else 0)
     roles = spawn(bcfg, base)
     try:
-        trainer = Trainer(bcfg, roles, base)
-        if stopped:
-            trainer.restore(stopped)
-            print(f"off-policy baseline: resumed from {stopped} (update {trainer.sft_step})", flush=True)
+        trainer = continued_trainer(bcfg, roles, base, stopped, "off-policy baseline")
         log = MetricsLogger(bcfg.run.dir)
         with tqdm(total=cfg.distill.steps, initial=trainer.sft_step, desc="off-policy baseline",
                   disable=not cfg.run.progress) as bar:
@@ -274,11 +280,8 @@ def unify(cfg) -> dict:
         for d, e in experts.items()}
     roles = spawn(scfg, base)
     try:
-        trainer = Trainer(scfg, roles, base)
-        if distilled:
-            trainer.restore(distilled)
-            print(f"on-policy distillation: resumed from {distilled} (step {trainer.step})", flush=True)
-        else:
+        trainer = continued_trainer(scfg, roles, base, distilled, "on-policy distillation")
+        if not distilled:
             trainer.evals["student_before"] = trainer.evaluate_domains()   # kept with the checkpoints
         before = trainer.evals["student_before"]
         print(f"student (the base), held-out: {format_scores(before)}", flush=True)
