@@ -398,6 +398,13 @@ def _validate_schedule(cfg) -> None:
     if cfg.replay.curate_samples > 0 and cfg.replay.prompts < 1:
         raise ConfigError(f"replay.curate_samples={cfg.replay.curate_samples} curates a finite prompt set: "
                           "set replay.prompts (tasks per domain) > 0")
+    min_pass = cfg.replay.curate_min_pass
+    if not 0.0 <= min_pass < 1.0:
+        raise ConfigError(f"replay.curate_min_pass={min_pass!r} must be in [0, 1): a pass rate at or below it "
+                          "counts as unsolved, and every prompt's is at most 1")
+    if min_pass > 0 and cfg.replay.curate_drop == "solved":
+        raise ConfigError(f"replay.curate_min_pass={min_pass} defines the unsolved prompts, which "
+                          "replay.curate_drop=solved keeps: drop unsolved or both, or leave it at 0")
     tiny = cfg.model.tiny
     if tiny.experts_per_token > tiny.num_experts:
         raise ConfigError(f"model.tiny.experts_per_token={tiny.experts_per_token} exceeds "
@@ -594,10 +601,9 @@ def validate(cfg) -> None:
         if samples > 1 and temperature <= 0:
             raise ConfigError(f"trainer.eval.samples={samples} needs trainer.eval.temperature > 0: greedy "
                               "decoding gives the same sample every time")
-        for key in ("replay.resampling_floor", "replay.curate_min_pass"):
-            share = _get(cfg, key)
-            if not 0.0 <= share <= 1.0:
-                raise ConfigError(f"{key}={share!r} must be in [0, 1] (a share of prompts or samples)")
+        floor = _get(cfg, "replay.resampling_floor")
+        if not 0.0 <= floor <= 1.0:
+            raise ConfigError(f"replay.resampling_floor={floor!r} must be in [0, 1] (a share of each domain's prompts)")
     except AttributeError:
         pass
 

@@ -30,6 +30,8 @@ def test_overrides_are_typed_and_merged_over_yaml():
     ("replay.resampling_floor=2", "replay.resampling_floor"),
     ("replay.curate_samples=8", "replay.prompts"),   # curates a finite prompt set
     ("replay.curate_drop=hard", "replay.curate_drop"),
+    ("replay.curate_min_pass=1.0", "replay.curate_min_pass"),
+    ("replay.curate_min_pass=-0.1", "replay.curate_min_pass"),
     ("learner.zero_stage=4", "learner.zero_stage"),
     ("trainer.eval.samples=0", "trainer.eval.samples"),
 ])
@@ -44,6 +46,15 @@ def test_several_eval_samples_need_sampling():
         load(GRPOConfig, str(RECIPE_YAML), ["trainer.eval.samples=4", "trainer.eval.temperature=0"])
     cfg = load(GRPOConfig, str(RECIPE_YAML), ["trainer.eval.samples=4", "trainer.eval.temperature=1.0"])
     assert cfg.trainer.eval.samples == 4
+
+
+def test_a_curation_threshold_needs_unsolved_prompts_to_drop():
+    with pytest.raises(ConfigError, match="curate_drop=solved keeps"):
+        load(GRPOConfig, str(RECIPE_YAML), ["replay.prompts=8", "replay.curate_samples=4",
+                                             "replay.curate_min_pass=0.2", "replay.curate_drop=solved"])
+    cfg = load(GRPOConfig, str(RECIPE_YAML), ["replay.prompts=8", "replay.curate_samples=4",
+                                               "replay.curate_min_pass=0.2", "replay.curate_drop=both"])
+    assert cfg.replay.curate_min_pass == 0.2
 
 
 def test_argument_without_equals_is_rejected():
