@@ -29,9 +29,10 @@ vary by about ±8 on the default.
 
 (`warm`: reuse the warm-start checkpoint of an earlier run; config keys apply to every run, e.g.
 rollout.temperature=0.5, or replay.curate_samples=16 replay.curate_min_pass=0.15 to curate each
-run's prompts by the warm start's pass rate first: `prompts_trained` is then what it kept.) Last line: one JSON object with effective_ratio_{hr,dynamic,vanilla},
-steps_to_target_{...} (null if never reached; with seeds, the median, and the runs' own in
-steps_to_target_{...}_per_seed) and the targets' checks.
+run's prompts by the warm start's pass rate first: `prompts_trained` is then what it kept.)
+Last line: one JSON object with effective_ratio_{hr,dynamic,vanilla}, steps_to_target_{...}
+(null if never reached; with seeds, the median, and the runs' own in steps_to_target_{...}_per_seed)
+and the targets' checks.
 """
 
 import json

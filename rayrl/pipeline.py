@@ -29,7 +29,7 @@ from rayrl.learner.group import LearnerGroup
 from rayrl.metrics import MetricsLogger
 from rayrl.models import load_tokenizer, resolve_model_path
 from rayrl.replay.buffer import ReplayBuffer
-from rayrl.replay.prompts import prompt_key
+from rayrl.replay.prompts import domains_left_empty, prompt_key
 from rayrl.reward.grader import RewardGrader
 from rayrl.rollout.generator import RolloutGenerator
 from rayrl.tree import decode, encode
@@ -278,8 +278,7 @@ class Trainer:
         keys = [prompt_key(t["domain"], t["id"]) for t in tasks]
         kept, counts = curate({k: [None if isinstance(r, str) else r for r in rs] for k, rs in zip(keys, samples)},
                               replay.curate_drop, replay.success_reward, replay.curate_min_pass)
-        kept_set = set(kept)
-        emptied = sorted({t["domain"] for t in tasks} - {t["domain"] for k, t in zip(keys, tasks) if k in kept_set})
+        emptied = domains_left_empty({k: t["domain"] for k, t in zip(keys, tasks)}, kept)
         if emptied:
             raise ValueError(f"replay.curate_samples: curation leaves no training prompt of domain "
                              f"{', '.join(emptied)} ({counts['dropped_unsolved']} unsolved at {unsolved}, "

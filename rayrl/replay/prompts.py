@@ -32,6 +32,12 @@ def prompt_key(domain: str, task_id: str) -> str:
     return f"{domain}:{task_id}"
 
 
+def domains_left_empty(domain_of: dict[str, str], keep) -> list[str]:
+    """The domains (of prompts keyed as `domain_of` maps them) with none of their prompts in `keep`."""
+    keep = set(keep)
+    return sorted(set(domain_of.values()) - {d for key, d in domain_of.items() if key in keep})
+
+
 class PromptSet:
     def __init__(self, tasks: list[dict], history: bool = False, success: float = 1.0, seed: int = 0,
                  floor: float = 0.0):
@@ -75,7 +81,7 @@ class PromptSet:
         if unknown:
             raise ValueError(f"{len(unknown)} prompts to keep are not in the set (first: {unknown[0]})")
         keep = set(keys)
-        emptied = sorted(d for d, pool in self.pool.items() if not keep.intersection(pool))
+        emptied = domains_left_empty({key: task["domain"] for key, task in self.tasks.items()}, keep)
         if emptied:
             raise ValueError(f"no prompt of domain {', '.join(emptied)} would be left")
         self.tasks = {k: t for k, t in self.tasks.items() if k in keep}
