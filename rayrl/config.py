@@ -278,6 +278,10 @@ class UnifySpec:
     # The shared base: SFT on mixed-domain demonstrations (what pretraining gives a real model).
     # Every expert starts from it, and so does the student. 0 = the model as given.
     base_sft_steps: int = 300
+    # Experts trained at once, each driven by a Ray task of its own (on a cluster their roles spread
+    # over the nodes); 1 = one after another in the driver. The cluster must hold that many experts'
+    # roles at once.
+    parallel_experts: int = 1
 
 
 @dataclass
@@ -364,7 +368,7 @@ _MINIMUM = {  # key: smallest allowed value
     "trainer.sft.steps": 0, "trainer.sft.batch_size": 1, "trainer.sft.warmup_steps": 0,
     "trainer.sft.final_lr_ratio": 0.0, "trainer.lr": 0.0, "task.eval_size": 1, "trainer.eval.samples": 1,
     "rollout.max_turns": 1, "rollout.max_episode_tokens": 1, "distill.steps": 0, "distill.lr": 0.0,
-    "distill.topk": 0, "distill.teacher_temperature": 0.0, "unify.base_sft_steps": 0,
+    "distill.topk": 0, "distill.teacher_temperature": 0.0, "unify.base_sft_steps": 0, "unify.parallel_experts": 1,
     "replay.prompts": 0, "replay.curate_samples": 0, "learner.loss.mcla.k": 0, "model.tiny.router_noise": 0.0,
     "srpo.eval_every": 0,
     "model.tiny.num_experts": 1, "model.tiny.experts_per_token": 1, "model.tiny.expert_size": 1,
@@ -435,6 +439,7 @@ def _validate_schedule(cfg) -> None:
 # often it checkpoints and evaluates, and how it uses the machine. Every other one must be the
 # checkpoint's.
 RESUME_MAY_CHANGE = ("run.resume", "run.dir", "run.progress", "run.ray_num_cpus", "run.torch_threads",
+                     "unify.parallel_experts",
                      "model.cache_dir", "task.eval_size", "rollout.num_cpus", "learner.num_cpus",
                      "trainer.total_steps", "trainer.ckpt_every", "trainer.eval",
                      # where the roles run (another cluster): resources, GPUs, placement, sandbox nodes

@@ -82,11 +82,12 @@ def role_options(num_cpus: float, num_gpus: float = 0.0, resources: dict | None 
     return {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(resources or {})}
 
 
-def check_resources(cfg) -> None:
+def check_resources(cfg, copies: int = 1, copies_key: str = "") -> None:
     """Some alive node must be able to hold one actor of each role (its CPUs, GPUs and custom
     resources), and sandbox.node_resource must mark a node. In a local Ray instance a shortfall is
     an error naming the config keys; on a cluster (RAY_ADDRESS) the actors wait for nodes that fit
-    them (an autoscaler adds them), and the wait is announced."""
+    them (an autoscaler adds them), and the wait is announced. `copies`: that many runs' roles at
+    once (as the config key `copies_key` asks)."""
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     demands = role_demands(cfg)
     missing = [f"{', '.join(f'{name} {v:g}' for name, v in need.items())} per actor ({keys})"
@@ -97,10 +98,11 @@ def check_resources(cfg) -> None:
         missing.append(f"sandbox.node_resource: {marker}")
     # All the roles at once, too (the learner waits for a placement group of all its workers).
     for name in sorted({name for _, _, need in demands for name in need}):
-        wanted = sum(count * need.get(name, 0) for _, count, need in demands)
+        wanted = copies * sum(count * need.get(name, 0) for _, count, need in demands)
         total = sum(node.get(name, 0) for node in nodes)
         if wanted > total:
-            missing.append(f"{name} {wanted:g} for all the roles at once, of {total:g} in all")
+            runs = f" of {copies} runs ({copies_key}={copies})" if copies > 1 else ""
+            missing.append(f"{name} {wanted:g} for all the roles{runs} at once, of {total:g} in all")
     if not missing:
         return
     message = f"no node of this Ray cluster can hold {'; '.join(missing)}"
@@ -195,6 +197,7 @@ class StepGuard:
 
     def __init__(self):
         self.holding, self.pending, self.previous = False, None, {}
+        self.received = None   # the last signal's name
 
     def __enter__(self) -> StepGuard:
         if threading.current_thread() is threading.main_thread():
@@ -206,7 +209,7 @@ class StepGuard:
             signal.signal(s, handler)
 
     def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
+        name = self.received = signal.Signals(signum).name
         if self.holding and self.pending is None:
             self.pending = name
             print(f"{name}: finishing this step, then saving a checkpoint ({name} again stops at once)", flush=True)

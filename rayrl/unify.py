@@ -27,8 +27,8 @@ import ray
 from rayrl.config import GRPOConfig, check_resume, checkpoint_state, complete_checkpoints, expand, latest_checkpoint
 from rayrl.metrics import MetricsLogger
 from rayrl.models import resolve_model_path
-from rayrl.pipeline import (Trainer, evaluate_domains, kill_closed, metrics_lines, rewind_metrics, role_options, run,
-                            spawn, start_run)
+from rayrl.pipeline import (StepGuard, Trainer, check_resources, evaluate_domains, kill_closed, metrics_lines,
+                            rewind_metrics, role_options, run, spawn, start_run)
 from rayrl.rollout.generator import RolloutGenerator
 from rayrl.rollout.teacher import Teacher
 
@@ -137,22 +137,86 @@ def train_base(cfg, run_dir: str, reuse_dir: str | None, log: MetricsLogger) -> 
 
 
 def train_experts(cfg, run_dir: str, reuse_dir: str | None, base: str) -> dict[str, dict]:
-    experts = {}
+    """Each domain's expert: reused where one is given or found, else trained from the base, one
+    after another in the driver or `unify.parallel_experts` at a time (`train_in_parallel`)."""
+    experts, todo, n = {}, [], len(cfg.unify.domains)
     for i, domain in enumerate(cfg.unify.domains, 1):
         found = reused_expert(cfg, domain, reuse_dir)
         if found:
-            print(f"[{i}/{len(cfg.unify.domains)}] expert {domain}: reusing {found['path']}", flush=True)
+            print(f"[{i}/{n}] expert {domain}: reusing {found['path']}", flush=True)
             experts[domain] = found
-            continue
-        sub = expert_config(cfg, domain, run_dir, base)
-        print(f"[{i}/{len(cfg.unify.domains)}] expert {domain}: SFT {cfg.trainer.sft.steps} steps, "
-              f"GRPO {cfg.trainer.total_steps} steps" + (f", resumed from {latest_checkpoint(sub.run.dir)}"
-                                                          if sub.run.resume else ""), flush=True)
-        summary = run(sub)
-        print(f"expert {domain}: held-out {summary['eval_before']:.3f} after SFT, {summary['eval_after']:.3f} "
-              f"after GRPO ({summary['wall_s']:.0f} s)", flush=True)
-        experts[domain] = {"path": summary["checkpoint"], "eval": summary["eval_after"],
-                           "eval_sft": summary["eval_before"], "wall_s": summary["wall_s"]}
+        else:
+            todo.append((f"[{i}/{n}] expert {domain}", domain, expert_config(cfg, domain, run_dir, base)))
+    if cfg.unify.parallel_experts > 1 and len(todo) > 1:
+        experts.update(train_in_parallel(cfg, todo))
+    else:
+        for title, domain, sub in todo:
+            announce_expert(title, sub)
+            experts[domain] = trained_expert(domain, run(sub))
+    return {d: experts[d] for d in cfg.unify.domains}
+
+
+def announce_expert(title: str, sub) -> None:
+    print(f"{title}: SFT {sub.trainer.sft.steps} steps, GRPO {sub.trainer.total_steps} steps"
+          + (f", resumed from {latest_checkpoint(sub.run.dir)}" if sub.run.resume else ""), flush=True)
+
+
+def trained_expert(domain: str, summary: dict) -> dict:
+    print(f"expert {domain}: held-out {summary['eval_before']:.3f} after SFT, {summary['eval_after']:.3f} "
+          f"after GRPO ({summary['wall_s']:.0f} s)", flush=True)
+    return {"path": summary["checkpoint"], "eval": summary["eval_after"], "eval_sft": summary["eval_before"],
+            "wall_s": summary["wall_s"]}
+
+
+def expert_progress(sub) -> int:
+    """Updates (SFT, then GRPO steps) the expert in sub.run.dir has logged."""
+    lines = [line for line in metrics_lines(sub.run.dir) if line.endswith("\n")]
+    return max(0, sub.trainer.sft.steps + json.loads(lines[-1])["step"]) if lines else 0
+
+
+def train_in_parallel(cfg, todo: list) -> dict[str, dict]:
+    """The experts of `todo` ((title, domain, config)), `unify.parallel_experts` at a time: each is
+    `run` in a Ray task of its own, which drives that expert's roles (on a cluster they spread over
+    the nodes, as every role does). A stop of the driver (SIGINT, SIGTERM: `ray job stop`) or an
+    expert's failure cancels the running ones: each task gets it as the driver would a signal,
+    saves its last whole step, and the stop or the error goes on once they have all ended, so a
+    resumed run continues every one of them."""
+    from tqdm import tqdm
+
+    width = min(cfg.unify.parallel_experts, len(todo))
+    check_resources(todo[0][2], copies=width, copies_key="unify.parallel_experts")
+    train = ray.remote(num_cpus=0, max_retries=0)(run)
+    queue, running, experts, bars = list(todo), {}, {}, {}
+    with StepGuard() as guard:
+        try:
+            while queue or running:
+                while queue and len(running) < width:
+                    title, domain, sub = queue.pop(0)
+                    announce_expert(title, sub)
+                    sub.run.progress = False   # one bar per expert here instead
+                    running[train.options(name=f"expert_{domain}").remote(sub)] = (domain, sub)
+                    bars[domain] = tqdm(total=sub.trainer.sft.steps + sub.trainer.total_steps,
+                                        desc=f"expert {domain}", disable=not cfg.run.progress)
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=2.0)
+                for domain, sub in running.values():
+                    bars[domain].update(expert_progress(sub) - bars[domain].n)
+                for ref in ready:
+                    domain, _ = running.pop(ref)
+                    bars.pop(domain).close()
+                    experts[domain] = trained_expert(domain, ray.get(ref))
+        except BaseException:
+            for ref in running:   # not its actors' calls: the task itself ends them
+                ray.cancel(ref, recursive=False)
+            if running:
+                print(f"waiting for the experts {', '.join(d for d, _ in running.values())} to save their last "
+                      "whole step", flush=True)
+                ray.wait(list(running), num_returns=len(running))
+            if guard.received:   # as the signal's own KeyboardInterrupt (ray.wait re-raises a bare one)
+                raise KeyboardInterrupt(guard.received) from None
+            raise
+        finally:
+            for bar in bars.values():
+                bar.close()
     return experts
 
 

@@ -28,13 +28,14 @@ def records(path) -> list[dict]:
 
 
 @contextlib.contextmanager
-def sigterm_once_logged(metrics, count: int):
+def sigterm_once_logged(metrics, count: int, *more):
     """SIGTERM to this process, as `ray job stop` sends the driver (its main thread gets it), once
-    `metrics` holds `count` records; none once the body has returned or raised."""
+    `metrics` (and every path of `more`) holds `count` records; none once the body has returned or
+    raised."""
     finished = threading.Event()
 
     def stop():
-        while len(records(metrics)) < count:
+        while min(len(records(m)) for m in (metrics, *more)) < count:
             if finished.wait(0.05):
                 return
         os.kill(os.getpid(), signal.SIGTERM)
@@ -205,3 +206,41 @@ def test_the_off_policy_baseline_stopped_part_way_continues_where_it_stopped(ray
     assert f"off-policy baseline: resumed from {saved}\n" in capsys.readouterr().out
     assert [r["step"] for r in history] == [r["step"] for r in records(metrics)] == list(range(-steps + 1, 1))
     assert set(scores) == {"general"} and 0.0 <= scores["general"] <= 1.0
+
+
+@pytest.mark.slow
+def test_experts_trained_in_parallel_save_on_a_stop_and_continue_on_resume(ray_session, tmp_path, capsys):
+    """With unify.parallel_experts=2 both experts train at once, each in a Ray task of its own. A
+    stop of the driver (SIGTERM) reaches both: each saves its last whole SFT update, and the resumed
+    run continues both from there to their final checkpoints, every update logged once."""
+    from rayrl.config import UnifyConfig, load_recipe, to_dict
+    from rayrl.models import resolve_model_path
+    from rayrl.unify import train_experts
+
+    run_dir, sft_steps, stop_after = tmp_path / "unify", 30, 4
+    args = ["unify.domains=[general,websearch]", "unify.parallel_experts=2", f"trainer.sft.steps={sft_steps}",
+            "trainer.sft.batch_size=8", "trainer.total_steps=2", "trainer.groups_per_step=2", "rollout.group_size=2",
+            "task.eval_size=4", "learner.num_workers=1", "run.progress=false", f"run.dir={run_dir}"]
+    cfg = load_recipe(UnifyConfig, RECIPES, args)
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg)))   # as the recipe's start_run writes it
+    base = resolve_model_path(cfg.model)
+    metrics = {d: run_dir / "experts" / d / "metrics.jsonl" for d in ("general", "websearch")}
+    with sigterm_once_logged(metrics["general"], stop_after, metrics["websearch"]), \
+            pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        train_experts(cfg, str(run_dir), None, base)
+    assert "waiting for the experts general, websearch to save their last whole step" in capsys.readouterr().out
+    done = {d: len(records(m)) for d, m in metrics.items()}
+    for d, n in done.items():   # each saved its last logged update
+        assert stop_after <= n < sft_steps, done
+        assert (run_dir / "experts" / d / "checkpoints" / f"sft_{n}" / "trainer_state.json").exists()
+
+    resumed = load_recipe(UnifyConfig, RECIPES, [*args, f"run.resume={run_dir}"])
+    experts = train_experts(resumed, str(run_dir), str(run_dir), base)
+    out = capsys.readouterr().out
+    assert list(experts) == ["general", "websearch"]
+    for d, n in done.items():
+        assert f"expert {d}: SFT {sft_steps} steps, GRPO 2 steps, resumed from " in out
+        assert experts[d]["path"] == str(run_dir / "experts" / d / "checkpoints" / "final")
+        assert 0.0 <= experts[d]["eval"] <= 1.0
+        assert [r["step"] for r in records(metrics[d])] == list(range(-sft_steps + 1, 3))   # each update once
