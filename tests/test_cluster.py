@@ -122,6 +122,9 @@ def test_a_role_no_node_can_hold_is_an_error_naming_its_keys(ray_session, monkey
     crowded = load(GRPOConfig, str(ROOT / "recipes" / "grpo.yaml"), ["rollout.num_generators=4", "rollout.num_cpus=2"])
     with pytest.raises(RuntimeError, match=r"CPU \d+ for all the roles at once, of 8 in all"):
         check_resources(crowded)
+    # Experts trained at once each hold their roles: the defaults fit one machine once, not eight times.
+    with pytest.raises(RuntimeError, match=r"CPU \d+ for all the roles of 8 runs \(unify.parallel_experts=8\) at once"):
+        check_resources(load(GRPOConfig, str(ROOT / "recipes" / "grpo.yaml"), []), 8, "unify.parallel_experts")
 
 
 @pytest.mark.parametrize("arg, named", [
@@ -130,6 +133,7 @@ def test_a_role_no_node_can_hold_is_an_error_naming_its_keys(ray_session, monkey
     ("distill.teacher_gpus=-1", "distill.teacher_gpus=-1.0 must be >= 0.0"),
     ("learner.placement=scatter", "learner.placement='scatter' is not one of pack, spread"),
     ("sandbox.node_resource=CPU", "sandbox.node_resource='CPU'"),
+    ("unify.parallel_experts=0", "unify.parallel_experts=0 must be >= 1"),
 ])
 def test_bad_placement_settings_fail_naming_the_key(arg, named):
     from rayrl.config import ConfigError, UnifyConfig, load
