@@ -174,19 +174,24 @@ def expert_progress(sub) -> int:
     return max(0, sub.trainer.sft.steps + json.loads(lines[-1])["step"]) if lines else 0
 
 
+class ExpertsFailed(RuntimeError):
+    """Experts trained in parallel failed (the others finished)."""
+
+
 def train_in_parallel(cfg, todo: list) -> dict[str, dict]:
     """The experts of `todo` ((title, domain, config)), `unify.parallel_experts` at a time: each is
     `run` in a Ray task of its own, which drives that expert's roles (on a cluster they spread over
-    the nodes, as every role does). A stop of the driver (SIGINT, SIGTERM: `ray job stop`) or an
-    expert's failure cancels the running ones: each task gets it as the driver would a signal,
-    saves its last whole step, and the stop or the error goes on once they have all ended, so a
-    resumed run continues every one of them."""
+    the nodes, as every role does). An expert that fails has saved its last whole step; the others
+    go on, and ExpertsFailed names the failed ones at the end. A stop of the driver (SIGINT,
+    SIGTERM: `ray job stop`) cancels the running ones: each task gets it as the driver would the
+    signal, saves its last whole step, and the stop goes on once they have all ended. A resumed run
+    continues every expert from what it saved."""
     from tqdm import tqdm
 
     width = min(cfg.unify.parallel_experts, len(todo))
     check_resources(todo[0][2], copies=width, copies_key="unify.parallel_experts")
     train = ray.remote(num_cpus=0, max_retries=0)(run)
-    queue, running, experts, bars = list(todo), {}, {}, {}
+    queue, running, experts, failed, bars = list(todo), {}, {}, {}, {}
     with StepGuard() as guard:
         try:
             while queue or running:
@@ -203,7 +208,12 @@ def train_in_parallel(cfg, todo: list) -> dict[str, dict]:
                 for ref in ready:
                     domain, _ = running.pop(ref)
                     bars.pop(domain).close()
-                    experts[domain] = trained_expert(domain, ray.get(ref))
+                    try:
+                        experts[domain] = trained_expert(domain, ray.get(ref))
+                    except ray.exceptions.RayTaskError as err:
+                        failed[domain] = err.cause
+                        print(f"expert {domain} failed: {type(err.cause).__name__}: {err.cause}"
+                              + ("; the other experts go on" if queue or running else ""), flush=True)
         except BaseException:
             for ref in running:   # not its actors' calls: the task itself ends them
                 ray.cancel(ref, recursive=False)
@@ -217,6 +227,10 @@ def train_in_parallel(cfg, todo: list) -> dict[str, dict]:
         finally:
             for bar in bars.values():
                 bar.close()
+    if failed:
+        raise ExpertsFailed("; ".join(f"expert {d} failed: {type(e).__name__}: {e}" for d, e in failed.items())
+                            + f" (the experts {', '.join(experts) or 'none'} finished; run.resume continues the "
+                            "failed ones from their last saved step)") from next(iter(failed.values()))
     return experts
 
 

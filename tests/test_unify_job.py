@@ -244,3 +244,24 @@ def test_experts_trained_in_parallel_save_on_a_stop_and_continue_on_resume(ray_s
         assert experts[d]["path"] == str(run_dir / "experts" / d / "checkpoints" / "final")
         assert 0.0 <= experts[d]["eval"] <= 1.0
         assert [r["step"] for r in records(metrics[d])] == list(range(-sft_steps + 1, 3))   # each update once
+
+
+@pytest.mark.slow
+def test_an_expert_failing_in_parallel_leaves_the_others_to_finish(ray_session, tmp_path, capsys):
+    """One of two experts trained at once fails (its base is no model): the other finishes to its
+    final checkpoint, and the error names the failed expert and its cause."""
+    from rayrl.config import UnifyConfig, load_recipe
+    from rayrl.models import resolve_model_path
+    from rayrl.unify import ExpertsFailed, expert_config, train_in_parallel
+
+    cfg = load_recipe(UnifyConfig, RECIPES, [
+        "unify.domains=[general,websearch]", "unify.parallel_experts=2", "trainer.sft.steps=4", "trainer.sft.batch_size=8",
+        "trainer.total_steps=1", "trainer.groups_per_step=2", "rollout.group_size=2", "task.eval_size=4",
+        "learner.num_workers=1", "run.progress=false", f"run.dir={tmp_path}"])
+    good = expert_config(cfg, "general", str(tmp_path), resolve_model_path(cfg.model))
+    bad = expert_config(cfg, "websearch", str(tmp_path), str(tmp_path / "no-model"))
+    with pytest.raises(ExpertsFailed, match=r"expert websearch failed: \w+Error: .*no-model.* \(the experts general "
+                                            "finished; run.resume continues the failed ones"):
+        train_in_parallel(cfg, [("[1/2] expert general", "general", good), ("[2/2] expert websearch", "websearch", bad)])
+    assert (tmp_path / "experts" / "general" / "checkpoints" / "final" / "config.json").exists()
+    assert "expert general: held-out " in capsys.readouterr().out
