@@ -211,15 +211,16 @@ def test_the_off_policy_baseline_stopped_part_way_continues_where_it_stopped(ray
 @pytest.mark.slow
 def test_experts_trained_in_parallel_save_on_a_stop_and_continue_on_resume(ray_session, tmp_path, capsys):
     """With unify.parallel_experts=2 both experts train at once, each in a Ray task of its own. A
-    stop of the driver (SIGTERM) reaches both: each saves its last whole SFT update, and the resumed
-    run continues both from there to their final checkpoints, every update logged once."""
+    stop of the driver (SIGTERM) reaches both: each saves its last whole update (SFT or GRPO: their
+    spawns may finish seconds apart), and the resumed run continues both from there to their final
+    checkpoints, every update logged once."""
     from rayrl.config import UnifyConfig, load_recipe, to_dict
     from rayrl.models import resolve_model_path
     from rayrl.unify import train_experts
 
-    run_dir, sft_steps, stop_after = tmp_path / "unify", 30, 4
+    run_dir, sft_steps, grpo_steps, stop_after = tmp_path / "unify", 80, 4, 4
     args = ["unify.domains=[general,websearch]", "unify.parallel_experts=2", f"trainer.sft.steps={sft_steps}",
-            "trainer.sft.batch_size=8", "trainer.total_steps=2", "trainer.groups_per_step=2", "rollout.group_size=2",
+            "trainer.sft.batch_size=8", f"trainer.total_steps={grpo_steps}", "trainer.groups_per_step=2", "rollout.group_size=2",
             "task.eval_size=4", "learner.num_workers=1", "run.progress=false", f"run.dir={run_dir}"]
     cfg = load_recipe(UnifyConfig, RECIPES, args)
     run_dir.mkdir()
@@ -232,18 +233,19 @@ def test_experts_trained_in_parallel_save_on_a_stop_and_continue_on_resume(ray_s
     assert "waiting for the experts general, websearch to save their last whole step" in capsys.readouterr().out
     done = {d: len(records(m)) for d, m in metrics.items()}
     for d, n in done.items():   # each saved its last logged update
-        assert stop_after <= n < sft_steps, done
-        assert (run_dir / "experts" / d / "checkpoints" / f"sft_{n}" / "trainer_state.json").exists()
+        assert stop_after <= n < sft_steps + grpo_steps, done
+        saved = f"sft_{n}" if n <= sft_steps else f"step_{n - sft_steps}"
+        assert (run_dir / "experts" / d / "checkpoints" / saved / "trainer_state.json").exists(), (d, n)
 
     resumed = load_recipe(UnifyConfig, RECIPES, [*args, f"run.resume={run_dir}"])
     experts = train_experts(resumed, str(run_dir), str(run_dir), base)
     out = capsys.readouterr().out
     assert list(experts) == ["general", "websearch"]
     for d, n in done.items():
-        assert f"expert {d}: SFT {sft_steps} steps, GRPO 2 steps, resumed from " in out
+        assert f"expert {d}: SFT {sft_steps} steps, GRPO {grpo_steps} steps, resumed from " in out
         assert experts[d]["path"] == str(run_dir / "experts" / d / "checkpoints" / "final")
         assert 0.0 <= experts[d]["eval"] <= 1.0
-        assert [r["step"] for r in records(metrics[d])] == list(range(-sft_steps + 1, 3))   # each update once
+        assert [r["step"] for r in records(metrics[d])] == list(range(-sft_steps + 1, grpo_steps + 1))   # once each
 
 
 @pytest.mark.slow
