@@ -218,7 +218,7 @@ def test_experts_trained_in_parallel_save_on_a_stop_and_continue_on_resume(ray_s
     from rayrl.models import resolve_model_path
     from rayrl.unify import train_experts
 
-    run_dir, sft_steps, grpo_steps, stop_after = tmp_path / "unify", 80, 4, 4
+    run_dir, sft_steps, grpo_steps, stop_after = tmp_path / "unify", 80, 2, 4
     args = ["unify.domains=[general,websearch]", "unify.parallel_experts=2", f"trainer.sft.steps={sft_steps}",
             "trainer.sft.batch_size=8", f"trainer.total_steps={grpo_steps}", "trainer.groups_per_step=2", "rollout.group_size=2",
             "task.eval_size=4", "learner.num_workers=1", "run.progress=false", f"run.dir={run_dir}"]
