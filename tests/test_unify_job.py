@@ -28,14 +28,13 @@ def records(path) -> list[dict]:
 
 
 @contextlib.contextmanager
-def sigterm_once_logged(metrics, count: int, *more):
+def sigterm_once_logged(count: int, *metrics):
     """SIGTERM to this process, as `ray job stop` sends the driver (its main thread gets it), once
-    `metrics` (and every path of `more`) holds `count` records; none once the body has returned or
-    raised."""
+    every path of `metrics` holds `count` records; none once the body has returned or raised."""
     finished = threading.Event()
 
     def stop():
-        while min(len(records(m)) for m in (metrics, *more)) < count:
+        while min(len(records(m)) for m in metrics) < count:
             if finished.wait(0.05):
                 return
         os.kill(os.getpid(), signal.SIGTERM)
@@ -161,7 +160,7 @@ def test_a_unify_run_stopped_in_its_base_sft_continues_it(ray_session, tmp_path,
     run_dir.mkdir()
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg)))   # as the recipe's start_run writes it
     log = MetricsLogger(str(run_dir), export_to_ray=False)
-    with sigterm_once_logged(metrics, stop_after), pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+    with sigterm_once_logged(stop_after, metrics), pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         train_base(cfg, str(run_dir), None, log)
     log.close()
     done = len(records(metrics))
@@ -195,7 +194,7 @@ def test_the_off_policy_baseline_stopped_part_way_continues_where_it_stopped(ray
     base = resolve_model_path(cfg.model)   # the untrained tiny model, as base and as the expert
     experts = {"general": {"path": base, "eval": None}}
     metrics = run_dir / "offpolicy" / "metrics.jsonl"
-    with sigterm_once_logged(metrics, stop_after), pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+    with sigterm_once_logged(stop_after, metrics), pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         offpolicy_baseline(cfg, student_config(cfg), str(run_dir), experts, base, resume=False)
     done = len(records(metrics))
     assert stop_after <= done < steps
@@ -227,7 +226,7 @@ def test_experts_trained_in_parallel_save_on_a_stop_and_continue_on_resume(ray_s
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg)))   # as the recipe's start_run writes it
     base = resolve_model_path(cfg.model)
     metrics = {d: run_dir / "experts" / d / "metrics.jsonl" for d in ("general", "websearch")}
-    with sigterm_once_logged(metrics["general"], stop_after, metrics["websearch"]), \
+    with sigterm_once_logged(stop_after, *metrics.values()), \
             pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         train_experts(cfg, str(run_dir), None, base)
     assert "waiting for the experts general, websearch to save their last whole step" in capsys.readouterr().out
