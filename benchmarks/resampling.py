@@ -114,8 +114,9 @@ def main(argv: list[str]) -> None:
             "arms": args["arms"].split(","), "config": config_args}
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        warm = args["warm"] or run(config(os.path.join(tmp, "warm"), [*config_args, "trainer.total_steps=0"]))[
-            "checkpoint"]
+        # The warm start trains no RL step: it has no prompt set to curate.
+        warm = args["warm"] or run(config(os.path.join(tmp, "warm"), [*config_args, "trainer.total_steps=0",
+                                                                      "replay.curate_samples=0"]))["checkpoint"]
         results = {name: combine([arm(warm, [*ARMS[name], f"run.seed={seed}"], args,
                                       os.path.join(tmp, f"{name}{seed}")) for seed in range(args["seeds"])])
                    for name in args["arms"]}

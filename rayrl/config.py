@@ -75,6 +75,9 @@ class TaskConfig:
     eval_size: int = 200              # held-out prompts (disjoint from training prompts)
     eval_fraction: float = 0.2        # share of the task space held out for evaluation
     demo_error: float = 0.0           # share of SFT demonstrations with a systematic mistake (an imperfect teacher)
+    # arith: share of drawn tasks with one-digit operands, which the demonstrations always get right:
+    # prompts the warm start already solves, beside the ones RL has to fix
+    easy_share: float = 0.0
     tool_latency: str = "none"        # simulated env step before grading: none | fixed:S | lognormal:MEDIAN:SIGMA[:CAP]
     code_source: str = "generated"    # code: generated | samples | a JSONL path
     code_difficulty: int = 1          # code: operations per generated function

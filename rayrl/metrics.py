@@ -48,3 +48,9 @@ class MetricsLogger:
 
     def close(self) -> None:
         self._file.close()
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

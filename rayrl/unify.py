@@ -312,15 +312,14 @@ def offpolicy_baseline(cfg, scfg, run_dir: str, experts: dict[str, dict], base: 
     roles = spawn(bcfg, base)
     try:
         trainer = continued_trainer(bcfg, roles, base, stopped, "off-policy baseline")
-        log = MetricsLogger(bcfg.run.dir)
-        with tqdm(total=cfg.distill.steps, initial=trainer.sft_step, desc="off-policy baseline",
-                  disable=not cfg.run.progress) as bar:
+        with MetricsLogger(bcfg.run.dir) as log, tqdm(total=cfg.distill.steps, initial=trainer.sft_step,
+                                                       desc="off-policy baseline",
+                                                       disable=not cfg.run.progress) as bar:
             trainer.warm_start(log, bar, steps=cfg.distill.steps, start=trainer.sft_step,
                                batches=offpolicy_batches(cfg, experts, cfg.run.seed + 17, trainer.sft_step))
         history = [json.loads(line) for line in metrics_lines(bcfg.run.dir)]   # with those before a stop
         scores = trainer.evaluate_domains()
         print(f"student after off-policy distillation, held-out: {format_scores(scores)}", flush=True)
-        log.close()
     finally:
         roles.shutdown()
     return scores, history

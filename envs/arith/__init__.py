@@ -1,7 +1,9 @@
 """A verifiable toy task: integer arithmetic with exact-match answers.
 
 The task space is every `a op b` with operands in [0, max_operand]; a fixed hash splits it into
-training and held-out tasks, so evaluation prompts are never trained on.
+training and held-out tasks, so evaluation prompts are never trained on. With `task.easy_share`
+that share of the draws has one-digit operands (the held-out set takes each task once, so at most
+its 20% of the 10 x 10 one-digit tasks per operator).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import random
 import re
 
 from envs.base import Env, Task
+
+EASY_MAX = 9   # one-digit operands: the demonstrations are always right on them
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -27,6 +31,9 @@ class ArithEnv(Env):
         self.max_operand = cfg.max_operand
         self.eval_fraction = cfg.eval_fraction
         self.demo_error = cfg.demo_error
+        if not 0.0 <= cfg.easy_share <= 1.0:
+            raise ValueError(f"task.easy_share={cfg.easy_share}: a share of the tasks, from 0 to 1")
+        self.easy_share = cfg.easy_share
         space = (cfg.max_operand + 1) ** 2 * len(self.ops)
         if space * cfg.eval_fraction < cfg.eval_size:
             raise ValueError(f"task.eval_size={cfg.eval_size} exceeds the held-out share of the "
@@ -43,10 +50,15 @@ class ArithEnv(Env):
     def _task(self, a: int, op: str, b: int) -> Task:
         return Task(id=f"{a}{op}{b}", prompt=f"{a}{op}{b}", answer=str(_OPS[op](a, b)), domain=self.domain)
 
+    def _draw(self, rng: random.Random) -> tuple[int, str, int]:
+        # No extra draw without easy tasks: a seed gives the tasks it always gave.
+        top = EASY_MAX if self.easy_share and rng.random() < self.easy_share else self.max_operand
+        a, b = rng.randint(0, top), rng.randint(0, top)
+        return a, rng.choice(self.ops), b
+
     def sample(self, rng: random.Random) -> Task:
         while True:
-            a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
-            op = rng.choice(self.ops)
+            a, op, b = self._draw(rng)
             if not self._held_out(a, op, b):
                 return self._task(a, op, b)
 
@@ -54,16 +66,17 @@ class ArithEnv(Env):
         rng = random.Random(0xE7A1)
         tasks: dict[str, Task] = {}
         while len(tasks) < n:
-            a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
-            op = rng.choice(self.ops)
+            a, op, b = self._draw(rng)
             if self._held_out(a, op, b):
                 task = self._task(a, op, b)
                 tasks.setdefault(task.id, task)
         return list(tasks.values())
 
     def demonstration(self, task: Task) -> str:
-        """The teacher's answer: wrong by one on a fixed `task.demo_error` share of the tasks."""
-        if self._unit_hash("demo:" + task.id) < self.demo_error:
+        """The teacher's answer: wrong by one on a fixed `task.demo_error` share of the tasks with a
+        two-digit operand."""
+        a, b = (int(x) for x in re.fullmatch(r"(\d+)\D(\d+)", task.id).groups())
+        if max(a, b) > EASY_MAX and self._unit_hash("demo:" + task.id) < self.demo_error:
             return str(int(task.answer) + 1)
         return task.answer
 
