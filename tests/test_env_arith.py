@@ -40,6 +40,10 @@ def test_without_easy_tasks_a_seed_draws_what_it_always_drew():
             expected.append(f"{a}+{b}")
     rng = random.Random(3)
     assert [env.sample(rng).id for _ in range(20)] == expected
+    # and the teacher errs on one-digit tasks as on any other
+    wrong = ArithEnv(TaskConfig(demo_error=0.6))
+    one_digit = [wrong._task(a, "+", b) for a in range(10) for b in range(10)]
+    assert 40 < sum(wrong.demonstration(t) != t.answer for t in one_digit) < 80
 
 
 @pytest.mark.parametrize("share", [-0.1, 1.5])

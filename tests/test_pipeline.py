@@ -9,10 +9,11 @@ from tests.test_config import RECIPE_YAML
 
 
 @pytest.mark.slow
-def test_async_grpo_raises_held_out_reward(ray_session, tmp_path):
+def test_async_grpo_raises_held_out_reward(ray_session, arith_warm_start, tmp_path):
     from rayrl.pipeline import run
     cfg = load(GRPOConfig, str(RECIPE_YAML), [
-        "task.eval_size=200", "trainer.sft.steps=400", "trainer.total_steps=50",
+        f"model.path={arith_warm_start}", "trainer.sft.steps=0",
+        "task.eval_size=200", "trainer.total_steps=50",
         "trainer.eval.every=0", "replay.max_staleness=2", "learner.num_workers=2", "learner.zero_stage=2",
         f"run.dir={tmp_path}", "run.progress=false", "trainer.ckpt_every=25"])
     summary = run(cfg)

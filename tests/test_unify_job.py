@@ -56,8 +56,9 @@ def test_unify_distill_through_ray_job_submit_stopped_and_resumed(tmp_path):
     stopped during the distillation and submitted again: it continues the distillation from its
     last step and completes."""
     run_dir = tmp_path / "unify"
-    args = ["unify.domains=[terminal,general]", "trainer.sft.steps=60", "trainer.total_steps=4",
+    args = ["unify.domains=[terminal,general]", "trainer.sft.steps=40", "trainer.total_steps=4",
             "task.eval_size=8", "unify.base_sft_steps=30", "distill.steps=16", "distill.lr=1e-3",
+            "learner.num_workers=1",
             "distill.baseline=false", "run.progress=false", f"run.dir={run_dir}"]
     resume = ["python", "recipes/unify_distill.py", f"run.resume={run_dir}"]
     expert_metrics = run_dir / "experts" / "terminal" / "metrics.jsonl"

@@ -14,7 +14,7 @@ import re
 
 from envs.base import Env, Task
 
-EASY_MAX = 9   # one-digit operands: the demonstrations are always right on them
+EASY_MAX = 9   # task.easy_share: one-digit operands, whose demonstrations are always right
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
@@ -73,10 +73,13 @@ class ArithEnv(Env):
         return list(tasks.values())
 
     def demonstration(self, task: Task) -> str:
-        """The teacher's answer: wrong by one on a fixed `task.demo_error` share of the tasks with a
-        two-digit operand."""
-        a, b = (int(x) for x in re.fullmatch(r"(\d+)\D(\d+)", task.id).groups())
-        if max(a, b) > EASY_MAX and self._unit_hash("demo:" + task.id) < self.demo_error:
+        """The teacher's answer: wrong by one on a fixed `task.demo_error` share of the tasks (with
+        `task.easy_share`, of the tasks with a two-digit operand)."""
+        # Without easy tasks every demonstration is as it always was: the 400-update warm start is
+        # that sensitive (changing 0.7% of them moved its held-out accuracy from 0.325 to 0.075).
+        if self.easy_share and max(int(x) for x in re.findall(r"\d+", task.id)) <= EASY_MAX:
+            return task.answer
+        if self._unit_hash("demo:" + task.id) < self.demo_error:
             return str(int(task.answer) + 1)
         return task.answer
 
