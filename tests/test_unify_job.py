@@ -2,8 +2,9 @@
 
 Two domains, a few steps: the experts are trained, the student is distilled from them on its own
 samples, the job must end SUCCEEDED, and the student's reverse KL to its teachers must fall. The job
-is stopped twice on the way (during the first expert's GRPO, then during the distillation) and each
-time submitted again with run.resume, which must continue where it stopped.
+is stopped twice on the way (during the terminal expert's GRPO, the experts training two at once,
+then during the distillation) and each time submitted again with run.resume, which must continue
+where it stopped.
 """
 
 import contextlib
@@ -51,14 +52,15 @@ def sigterm_once_logged(count: int, *metrics):
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_unify_distill_through_ray_job_submit_stopped_and_resumed(tmp_path):
-    """The job is stopped (`ray job stop`) while its first expert trains, then submitted again with
-    run.resume: it reuses the base and continues that expert from its last step. That job is
+    """The job is stopped (`ray job stop`) while its experts train (unify.parallel_experts=2: each
+    in a Ray task of its own, which the stop cancels), then submitted again with run.resume: it
+    reuses the base and continues the terminal expert from its last step. That job is
     stopped during the distillation and submitted again: it continues the distillation from its
     last step and completes."""
     run_dir = tmp_path / "unify"
     args = ["unify.domains=[terminal,general]", "trainer.sft.steps=40", "trainer.total_steps=4",
             "task.eval_size=8", "unify.base_sft_steps=30", "distill.steps=16", "distill.lr=1e-3",
-            "learner.num_workers=1",
+            "learner.num_workers=1", "unify.parallel_experts=2",
             "distill.baseline=false", "run.progress=false", f"run.dir={run_dir}"]
     resume = ["python", "recipes/unify_distill.py", f"run.resume={run_dir}"]
     expert_metrics = run_dir / "experts" / "terminal" / "metrics.jsonl"
