@@ -326,8 +326,6 @@ def offpolicy_baseline(cfg, scfg, run_dir: str, experts: dict[str, dict], base: 
 
 
 def unify(cfg) -> dict:
-    from tqdm import tqdm
-
     resume = check_resume(cfg)   # a resumed run's directory: what it holds whole is kept, the rest redone
     if resume:
         cfg = copy.deepcopy(cfg)
@@ -342,6 +340,15 @@ def unify(cfg) -> dict:
         reuse_dir = expand(cfg.unify.reuse) if cfg.unify.reuse else None
         if reuse_dir == run_dir:
             reuse_dir = moved
+    with log:   # closed however the run ends
+        return unify_phases(cfg, run_dir, log, reuse_dir, distilled, bool(resume))
+
+
+def unify_phases(cfg, run_dir: str, log: MetricsLogger, reuse_dir: str | None, distilled: str | None,
+                 resumed: bool) -> dict:
+    """unify's phases in an open run directory: base, experts, on-policy distillation, baseline, summary."""
+    from tqdm import tqdm
+
     start = time.time()
     base = train_base(cfg, run_dir, reuse_dir, log)
     base_s = time.time() - start
@@ -377,7 +384,7 @@ def unify(cfg) -> dict:
             ray.kill(t)
     distill_s = time.time() - start - base_s - experts_s
 
-    baseline, baseline_history = (offpolicy_baseline(cfg, scfg, run_dir, experts, base, bool(resume))
+    baseline, baseline_history = (offpolicy_baseline(cfg, scfg, run_dir, experts, base, resumed)
                                   if cfg.distill.baseline else (None, []))
 
     domains = {d: {"expert": experts[d]["eval"], "student_before": before.get(d), "student_after": after.get(d),
@@ -399,7 +406,6 @@ def unify(cfg) -> dict:
     }
     summary["plot"] = plot(os.path.join(run_dir, "unify.png"), history, baseline_history, domains)
     log.summary(summary)
-    log.close()
     return summary
 
 
