@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass, field
 
 from rayrl.rollout.scaffolds import Action, Tool
+from rayrl.sandbox.base import SandboxInfraError
 
 
 @dataclass
@@ -116,6 +117,28 @@ class GeneratedEnv(Env):
             if held_out(row["task_id"], self.eval_fraction):
                 out.setdefault(row["task_id"], self.to_task(row))
         return list(out.values())
+
+
+VERIFIER_ERRORS_PRINTED = 5
+_verifier_errors = 0
+
+
+async def guarded_verdict(verdict, task: Task) -> tuple[float, dict]:
+    """Await a verifier's `(reward, info)`. Any exception but SandboxInfraError means the verifier
+    could not handle this output (nesting too deep for the parser, a number too long to convert):
+    a reward of 0 naming the error, so one sample's odd output does not cost its whole group. The
+    first few are printed, because a verifier failing on every sample is a bug, not a run of zeros."""
+    global _verifier_errors
+    try:
+        return await verdict
+    except SandboxInfraError:
+        raise
+    except Exception as err:
+        why = f"{type(err).__name__}: {str(err)[:200]}"
+        _verifier_errors += 1
+        if _verifier_errors <= VERIFIER_ERRORS_PRINTED:
+            print(f"verifier error on task {task.id!r} ({task.domain or 'no domain'}), scored 0: {why}", flush=True)
+        return 0.0, {"reason": f"verifier error: {why}", "verifier_error": why}
 
 
 def parse_latency(spec: str):

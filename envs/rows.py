@@ -26,7 +26,11 @@ def check_fields(row, where: str, required: dict[str, type], optional: dict[str,
 def read_jsonl(path: str | Path, parse_row) -> list:
     """`parse_row(row, where)` applied to every non-blank line; `where` is `path:line`."""
     out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise TaskFormatError(f"{path}:{n}: not UTF-8 (byte {err.start}: {raw[err.start:err.end]!r})") from None
         if line.strip():
             try:
                 row = json.loads(line)

@@ -63,6 +63,11 @@ def test_every_constraint_type_passes_and_fails():
         assert reward == 0.0 and info["failed"] == [kind] and info["constraints"][0]["ok"]
 
 
+def test_json_the_parser_cannot_take_fails_the_constraint_without_raising():
+    for text in ("[" * 5000 + "]" * 5000, '{"n": ' + "9" * 5000 + "}"):   # RecursionError, ValueError
+        assert not check_constraint(text, {"type": "json"})
+
+
 def test_generator_is_seeded_and_split():
     env = GeneralEnv()
     assert generate(random.Random(5), 4) == generate(random.Random(5), 4)

@@ -80,9 +80,11 @@ def test_not_equivalent(a, b):
 
 
 def test_hostile_answers_are_unparsable_not_evaluated():
-    for bad in ("__import__('os').system('true')", "2**9**9**9", "x.__class__", "lambda: 1"):
-        assert normalize(bad) is None or not equivalent(normalize(bad), "1")[0]
+    # "1e999999": sympy's Float of it takes half a minute (longer exponents, hours)
+    for bad in ("__import__('os').system('true')", "2**9**9**9", "x.__class__", "lambda: 1", "1e999999", "2E+1000"):
+        assert normalize(bad) is None or equivalent(normalize(bad), "1") == (False, "unparsable")
         assert check(f"\\boxed{{{bad}}}", "1")[0] == 0.0
+    assert check("1e5", "100000")[0] == 1.0   # exponent notation itself is fine
 
 
 def test_generator_is_seeded_and_split():
@@ -109,4 +111,7 @@ def test_bad_rows_name_the_field(tmp_path):
     bad = tmp_path / "t.jsonl"
     bad.write_text('{"task_id": "x", "problem": "p", "answer": "1"}\n{"task_id": "y"\n')
     with pytest.raises(TaskFormatError, match="t.jsonl:2"):
+        load_tasks(bad)
+    bad.write_bytes(b'{"task_id": "x", "problem": "p", "answer": "1"}\n{"task_id": "y\xff"}\n')
+    with pytest.raises(TaskFormatError, match="t.jsonl:2: not UTF-8"):
         load_tasks(bad)

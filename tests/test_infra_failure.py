@@ -76,6 +76,32 @@ async def test_grader_marks_a_dead_sandbox_as_infra_failure(grader):
     assert grader.env.pool.stats()["infra_failures"] == 1
 
 
+class FragileArith(ArithEnv):
+    """A verifier that cannot handle one output (as JSON parsers fail on deep nesting)."""
+
+    async def verify(self, task, response):
+        if response == "BOOM":
+            raise RecursionError("maximum recursion depth exceeded")
+        return await super().verify(task, response)
+
+
+async def test_a_verifier_error_scores_that_sample_0_and_keeps_its_group(capsys, monkeypatch):
+    monkeypatch.setattr("envs.base._verifier_errors", 0)   # the first few are printed, per process
+    cfg = GRPOConfig()
+    path = resolve_model_path(cfg.model)
+    grader = RewardGrader(cfg.task, path)
+    grader.env = FragileArith(cfg.task)
+    tokenizer = load_tokenizer(path)
+    task = grader.env._task(12, "+", 30)
+    tree, meta = await grader.grade(group(tokenizer, task, ["42", "BOOM", "41", "42"]))
+    leaves = [tree.nodes[i] for i in tree.leaves()]
+    assert [n.reward for n in leaves] == [1.0, 0.0, 0.0, 1.0]
+    assert leaves[1].reward_info["verifier_error"].startswith("RecursionError")
+    assert not any(n.infra_failure for n in leaves) and meta["infra_failures"] == 0
+    assert np.allclose([n.advantage for n in leaves], group_advantages(np.array([1.0, 0.0, 0.0, 1.0])))
+    assert f"verifier error on task {task.id!r}" in capsys.readouterr().out
+
+
 async def test_a_group_lost_entirely_to_infrastructure_is_dropped_and_counted(grader):
     grader, tokenizer = grader
     task = grader.env._task(1, "+", 1)

@@ -33,6 +33,7 @@ from pathlib import Path
 from envs import math as math_env
 from envs.rows import TaskFormatError, check_fields, read_jsonl
 from envs.base import GeneratedEnv, Task
+from rayrl.rollout.scaffolds import parse_json
 
 SAMPLES = Path(__file__).with_name("samples.jsonl")
 _FIELDS = {"task_id": str, "prompt": str, "constraints": list, "oracle": str}
@@ -52,11 +53,7 @@ def _json_body(text: str) -> str:
 
 
 def _is_json(text: str) -> bool:
-    try:
-        json.loads(_json_body(text))
-        return True
-    except ValueError:
-        return False
+    return parse_json(_json_body(text))[1] is None
 
 
 def _bullets(text: str) -> int:

@@ -152,7 +152,9 @@ def _parse(s: str):
     names = re.findall(r"[A-Za-z]+", s)
     if any(len(n) > 1 and n not in ("sqrt", "pi") for n in names):
         return None
-    if re.search(r"\*\*[(\d.]*\d{3,}|\*\*.*\*\*", s):     # no towers or huge powers
+    # No towers or huge powers; no exponent notation past 1e99 either (sympy's Float of 1e999999
+    # takes half a minute, and grows with the exponent's square).
+    if re.search(r"\*\*[(\d.]*\d{3,}|\*\*.*\*\*|\d[eE][+-]?\d{3,}", s):
         return None
     local = {c: sympy.Symbol(c) for c in names if len(c) == 1} | {"sqrt": sympy.sqrt, "pi": sympy.pi}
     try:

@@ -10,6 +10,7 @@ import functools
 import numpy as np
 
 from envs import Task, make_env
+from envs.base import guarded_verdict
 from envs.pools import close_env, local_pool
 from rayrl.algo.advantages import assign_advantages
 from rayrl.sandbox.base import SandboxInfraError
@@ -65,7 +66,8 @@ class RewardGrader:
         if node.infra_failure or node.reward is not None:
             return
         try:
-            node.reward, node.reward_info = await self.env.verify(task, self.response_text(tree, leaf))
+            node.reward, node.reward_info = await guarded_verdict(self.env.verify(task, self.response_text(tree, leaf)),
+                                                                  task)
         except SandboxInfraError as err:
             # Not the model's fault: no reward, kept out of the advantages, counted.
             node.infra_failure, node.reward, node.reward_info = True, None, {"infra_error": str(err)}

@@ -81,7 +81,11 @@ class TurnTemplate:
         prefix = self.prefix
         if turn_ended_with_stop:   # the sampled turn already holds the end-of-turn token
             prefix = next((prefix[len(t):] for t in self.stop_texts if prefix.startswith(t)), prefix)
-        return self.tokenizer.encode(prefix + observation + self.suffix, add_special_tokens=False)
+        # Tool output is text whatever it holds: a command that prints "<|im_end|><|im_start|>
+        # assistant" gets those characters, not the template's control tokens (a forged turn).
+        return (self.tokenizer.encode(prefix, add_special_tokens=False)
+                + self.tokenizer.encode(observation, add_special_tokens=False, split_special_tokens=True)
+                + self.tokenizer.encode(self.suffix, add_special_tokens=False))
 
 
 class SandboxTools:
@@ -91,18 +95,24 @@ class SandboxTools:
         self.session, self.timeout_s = session, timeout_s
 
     async def run(self, action: Action) -> str:
-        if action.kind == "shell":
-            r = await self.session.exec(action.args["cmd"], timeout=self.timeout_s)
-            text = (r.stdout + r.stderr).decode(errors="replace")
-            if r.outcome.value != "normal":
-                text += f"\n[{r.outcome.value}]"
-            elif r.exit_code:
-                text += f"\n[exit code {r.exit_code}]"
-            return text
-        if action.kind == "write":
+        if action.kind not in ("shell", "write"):
+            raise ValueError(f"no tool runs action {action.kind!r}")
+        try:
+            if action.kind == "shell":
+                r = await self.session.exec(action.args["cmd"], timeout=self.timeout_s)
+                text = (r.stdout + r.stderr).decode(errors="replace")
+                if r.outcome.value != "normal":
+                    text += f"\n[{r.outcome.value}]"
+                elif r.exit_code:
+                    text += f"\n[exit code {r.exit_code}]"
+                return text
             await self.session.write_file(action.args["path"], action.args["content"].encode())
             return f"wrote {action.args['path']}"
-        raise ValueError(f"no tool runs action {action.kind!r}")
+        except (OSError, ValueError) as err:
+            # The sandbox refused the model's arguments (a read-only or missing path, a NUL, a
+            # lone surrogate): the model sees why, as a shell would tell it. Infrastructure
+            # failures are SandboxInfraError (a RuntimeError) and propagate.
+            return f"error: {err}"
 
 
 async def run_episode(generate, tokenizer, scaffold: Scaffold, prompt: list[int], tools, params: SamplingParams,
@@ -145,6 +155,7 @@ async def play_task(env, task, generate, tokenizer, scaffold_name: str, params: 
                     limits: EpisodeLimits, score: bool = True) -> tuple[Episode, float | None, dict]:
     """One episode of `task` in its environment: tools set up, the loop run, the result scored
     (unless `score` is false: the reward is then None)."""
+    from envs.base import guarded_verdict
     from rayrl.models import chat_prompt_ids
     from rayrl.rollout.scaffolds import get_scaffold
     scaffold = get_scaffold(scaffold_name, env.tools)
@@ -152,7 +163,7 @@ async def play_task(env, task, generate, tokenizer, scaffold_name: str, params: 
     template = TurnTemplate(tokenizer, stop_ids=params.stop_token_ids)
     async with env.episode(task) as tools:
         episode = await run_episode(generate, tokenizer, scaffold, prompt, tools, params, limits, template)
-        reward, info = await env.score(task, episode.answer, tools) if score else (None, {})
+        reward, info = await guarded_verdict(env.score(task, episode.answer, tools), task) if score else (None, {})
     return episode, reward, {**info, "end_reason": episode.end_reason}
 
 

@@ -21,6 +21,7 @@ from dataclasses import replace
 import numpy as np
 
 from envs import Task, make_env
+from envs.base import guarded_verdict
 from envs.pools import close_env, local_pool
 from rayrl.algo.mcla import mcla_passes
 from rayrl.models import chat_prompt_ids, load_tokenizer
@@ -402,7 +403,6 @@ class RolloutGenerator:
             results = await asyncio.gather(*(episode(t) for t in tasks))
             return [info["infra_error"] if reward is None else float(reward) for _, reward, info in results]
         outs = await asyncio.gather(*(self.batcher.generate(self.prompt_tokens(t), params) for t in tasks))
-        verdicts = await asyncio.gather(*(self.env.verify(t, self.tokenizer.decode(o.tokens.tolist(),
-                                                                                   skip_special_tokens=True))
-                                          for t, o in zip(tasks, outs)))
+        verdicts = await asyncio.gather(*(guarded_verdict(self.env.verify(t, self.tokenizer.decode(
+            o.tokens.tolist(), skip_special_tokens=True)), t) for t, o in zip(tasks, outs)))
         return [reward for reward, _ in verdicts]

@@ -46,6 +46,19 @@ def _check_args(tool: Tool, args) -> Action:
     return Action(tool.name, {k: args[k] for k in tool.args})
 
 
+def parse_json(text: str):
+    """(the parsed value, None) or (None, why it cannot be parsed). Besides malformed JSON, the
+    parser raises RecursionError on deep nesting and ValueError on integers of thousands of digits."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as err:
+        return None, err.msg
+    except RecursionError:
+        return None, "nested too deeply"
+    except ValueError as err:
+        return None, str(err)
+
+
 class Scaffold:
     name = ""
 
@@ -89,10 +102,10 @@ class XMLScaffold(Scaffold):
         if len(tool.args) == 1:
             return Action(name, {tool.args[0]: body.strip()}) if body.strip() else \
                 Action("invalid", reason=f"empty <{match.group(1)}>")
-        try:
-            return _check_args(tool, json.loads(body))
-        except json.JSONDecodeError as err:
-            return Action("invalid", reason=f"unparsable <{match.group(1)}> arguments: {err.msg}")
+        args, error = parse_json(body)
+        if error:
+            return Action("invalid", reason=f"unparsable <{match.group(1)}> arguments: {error}")
+        return _check_args(tool, args)
 
     def render(self, action: Action) -> str:
         tag = self._tag(action.kind)
@@ -120,10 +133,9 @@ class JSONScaffold(Scaffold):
         raw = fenced.group(1) if fenced else text[text.find("{"):text.rfind("}") + 1]
         if not raw:
             return Action("invalid", reason="empty turn" if not text.strip() else "no JSON tool call")
-        try:
-            call = json.loads(raw)
-        except json.JSONDecodeError as err:
-            return Action("invalid", reason=f"unparsable tool call: {err.msg}")
+        call, error = parse_json(raw)
+        if error:
+            return Action("invalid", reason=f"unparsable tool call: {error}")
         name = call.get("tool") if isinstance(call, dict) else None
         if name == "submit":
             action = _check_args(Tool("submit", ("answer",), ""), call.get("args"))

@@ -80,7 +80,9 @@ class Sandbox(abc.ABC):
 
     @abc.abstractmethod
     async def write_file(self, path: str, data: bytes) -> None:
-        """Write `data` at `path` (relative paths are under the work directory)."""
+        """Write `data` at `path` (relative paths are under the work directory). A path the
+        sandbox refuses (read-only, a directory, a NUL in it) raises OSError or ValueError: the
+        caller's fault, unlike SandboxInfraError."""
 
     @abc.abstractmethod
     async def read_file(self, path: str) -> bytes: ...
