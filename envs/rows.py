@@ -23,21 +23,32 @@ def check_fields(row, where: str, required: dict[str, type], optional: dict[str,
             raise TaskFormatError(f"{where}: field {field!r} must be {kind.__name__}")
 
 
-def read_jsonl(path: str | Path, parse_row) -> list:
-    """`parse_row(row, where)` applied to every non-blank line; `where` is `path:line`."""
-    out = []
-    for n, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+def jsonl_rows(path: str | Path):
+    """(line number, parsed value) per non-blank line; an unreadable file, or a line that is not
+    UTF-8 or not JSON, is a TaskFormatError naming the file and line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise TaskFormatError(f"{path}: cannot read: {err.strerror or err}") from None
+    for n, raw in enumerate(data.splitlines(), 1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             raise TaskFormatError(f"{path}:{n}: not UTF-8 (byte {err.start}: {raw[err.start:err.end]!r})") from None
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskFormatError(f"{path}:{n}: not JSON ({err.msg})") from None
-            out.append(parse_row(row, f"{path}:{n}"))
-    return out
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TaskFormatError(f"{path}:{n}: not JSON ({err.msg} at column {err.colno})") from None
+        except (ValueError, RecursionError) as err:   # an integer past Python's digit limit, nesting too deep
+            raise TaskFormatError(f"{path}:{n}: not JSON ({err})") from None
+        yield n, row
+
+
+def read_jsonl(path: str | Path, parse_row) -> list:
+    """`parse_row(row, where)` applied to every non-blank line; `where` is `path:line`."""
+    return [parse_row(row, f"{path}:{n}") for n, row in jsonl_rows(path)]
 
 
 def held_out(task_id: str, fraction: float) -> bool:

@@ -57,6 +57,40 @@ async def test_wrong_solutions_score_zero_with_their_failure_kind(pool, task, co
         assert info["stderr"]   # a traceback tail
 
 
+# Completions that try to forge the pass token instead of passing: print whatever token-shaped text they can
+# find as the last line of stdout, then exit 0 (os._exit, so no later check runs).
+_PRINT_LAST_AND_EXIT = ("def _forge(found):\n    import os\n"
+                        "    os.write(1, b'\\n' + (found[-1] if found else b'') + b'\\n')\n    os._exit(0)\n")
+_RUNNER_GLOBALS = "import __main__\n_found = [v.encode() for v in vars(__main__).values() if isinstance(v, str)]\n"
+_MEMORY = """import os, re
+_found = []
+for pid in [p for p in os.listdir('/proc') if p.isdigit()]:   # every process of the sandbox, this one too
+    try:
+        with open(f'/proc/{pid}/maps') as maps, open(f'/proc/{pid}/mem', 'rb', 0) as mem:
+            for line in maps:
+                span, perms = line.split()[:2]
+                lo, hi = (int(x, 16) for x in span.split('-'))
+                if perms.startswith('rw') and hi - lo < 1 << 26:
+                    try:
+                        mem.seek(lo)
+                        _found += re.findall(rb'(?<![0-9a-f])([0-9a-f]{32})\\n', mem.read(hi - lo))
+                    except (OSError, ValueError, OverflowError):
+                        pass
+    except OSError:
+        pass
+"""
+
+
+@pytest.mark.parametrize("hack", [
+    _RUNNER_GLOBALS + "_forge(_found)\n",                                   # the runner's globals
+    _RUNNER_GLOBALS + "import atexit\natexit.register(_forge, _found)\n",   # after the assert failed
+    _MEMORY + "_forge(_found)\n",   # any process's memory (the keeper's leaks the token unless non-dumpable)
+], ids=["runner_globals", "atexit_after_failing", "process_memory"])
+async def test_the_pass_token_cannot_be_forged_from_inside(pool, hack):
+    reward, info = await grade_completion(pool, FN, "    return 0\n" + _PRINT_LAST_AND_EXIT + hack)
+    assert reward == 0.0 and info["failure"] is not None, info
+
+
 async def test_stdio_output_is_whitespace_normalized_and_counts_passed_tests(pool):
     reward, info = await grade_completion(pool, IO, "print('  ' + str(sum(map(int, input().split()))) + '  \\n\\n')")
     assert reward == 1.0 and info["passed"] == 2
@@ -101,6 +135,11 @@ async def test_generated_oracles_pass_and_a_wrong_body_fails(pool):
     ({"task_id": "x", "prompt": "p", "tests": "1 2"}, "tests"),
     ({"task_id": "x", "prompt": "p", "tests": [{"input": "", "output": ""}], "canonical_solution": 5},
      "canonical_solution"),
+    # json.dumps writes NaN and Infinity, json.loads reads them back: grading would crash far from the file
+    ({"task_id": "x", "prompt": "p", "entry_point": "f", "test": "def check(c): pass", "timeout_s": float("nan")},
+     "timeout_s"),
+    ({"task_id": "x", "prompt": "p", "tests": [{"input": "", "output": ""}], "timeout_s": float("inf")}, "timeout_s"),
+    ({"task_id": "x", "prompt": "p", "tests": [{"input": "", "output": ""}], "timeout_s": 1e300}, "timeout_s"),
 ])
 def test_loader_errors_name_file_line_and_field(tmp_path, row, field):
     path = tmp_path / "tasks.jsonl"
@@ -114,13 +153,41 @@ def test_loader_errors_name_file_line_and_field(tmp_path, row, field):
 def test_loader_rejects_bad_json_and_duplicates(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"task_id": "a", "prompt": "p", "tests": [{"input": "", "output": ""}]}\n{not json\n')
-    with pytest.raises(TaskFormatError, match=r"t\.jsonl:2: not valid JSON"):
+    with pytest.raises(TaskFormatError, match=r"t\.jsonl:2: not JSON"):
         load_tasks(path)
     row = '{"task_id": "a", "prompt": "p", "tests": [{"input": "", "output": ""}]}\n'
     path.write_text(row * 2)
     with pytest.raises(TaskFormatError, match="duplicate task_id 'a'"):
         load_tasks(path)
     assert parse_task(json.loads(row)).kind == "stdio"
+
+
+def test_loader_names_the_line_of_bytes_that_are_not_utf8_or_json_python_refuses(tmp_path):
+    path = tmp_path / "t.jsonl"
+    good = b'{"task_id": "a", "prompt": "p", "tests": [{"input": "", "output": ""}]}\n'
+    path.write_bytes(good + b'{"task_id": "caf\xe9", "prompt": "p", "tests": []}\n')   # Latin-1
+    with pytest.raises(TaskFormatError) as err:
+        load_tasks(path)
+    assert str(err.value) == f"{path}:2: not UTF-8 (byte 16: b'\\xe9')"
+    for bad in (b'{"task_id": "b", "prompt": "p", "timeout_s": 1' + b"0" * 5000 + b"}\n", b"[" * 100_000 + b"\n"):
+        path.write_bytes(good + bad)   # an integer past Python's digit limit; nesting too deep for the parser
+        with pytest.raises(TaskFormatError) as err:
+            load_tasks(path)
+        assert str(err.value).startswith(f"{path}:2: not JSON")
+
+
+@pytest.mark.parametrize("share", ["train", "eval"])
+def test_code_env_with_too_few_tasks_to_split_trains_and_evaluates_on_all(tmp_path, caplog, share):
+    from envs.code.generator import unit_hash
+    ids = [i for i in map(str, range(200)) if (unit_hash("split:" + i) < 0.2) == (share == "eval")][:3]
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps({"task_id": i, "prompt": "p", "tests": [{"input": "", "output": ""}]}) + "\n"
+                            for i in ids))
+    env = CodeEnv(CodeConfig(source=str(path)))
+    assert [t.id for t in env.eval_tasks(10)] == ids and [t.task_id for t in env._train] == ids
+    assert f"{path}: no {'held-out' if share == 'train' else 'training'} task among 3" in caplog.text
+    with pytest.raises(ValueError, match="task.timeout_s=nan"):
+        CodeEnv(CodeConfig(timeout_s=float("nan")))
 
 
 async def test_code_env_samples_demonstrations_and_fenced_answers(pool):

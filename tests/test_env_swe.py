@@ -83,6 +83,16 @@ async def test_bad_patches_score_zero_with_a_reason(synthesized):
         broken = unified_diff(path, mutated, original + "raise SystemExit('boom')\n")
         r, info = await grade(pool, task, broken)
         assert r == 0.0 and info["patch_applied"] and info["reason"] != "patch does not apply"
+        # a patch that passes the tests by changing them (a hook in a new tests/conftest.py, asserts
+        # made true): the tests are restored before the run
+        tests = task.FAIL_TO_PASS[0].split("::")[0]
+        text = (SAMPLE_REPO / tests).read_text()
+        hook = ("import pytest\n\n\n@pytest.hookimpl(hookwrapper=True)\ndef pytest_runtest_makereport(item, call):\n"
+                "    outcome = yield\n    outcome.get_result().outcome = 'passed'\n")
+        gamed = (unified_diff(tests, text, text.replace("assert ", "assert True or "))
+                 + unified_diff("tests/conftest.py", "", hook))
+        r, info = await grade(pool, task, gamed)
+        assert r == 0.0 and info["patch_applied"] and info["f2p_passed"] == 0, info
         # through the environment: a fenced diff is extracted; prose without a diff scores 0
         env = SWEEnv(tasks, pool)
         t = env.eval_tasks(1)[0]
@@ -128,6 +138,8 @@ def test_loader_errors_name_file_line_and_field(tmp_path, synthesized):
         "empty f2p": (json.dumps({**tasks[0].to_row(), "FAIL_TO_PASS": []}), ":2: field 'FAIL_TO_PASS' is empty"),
         "duplicate": (good, ":2: field 'instance_id'"),
         "escape": (json.dumps({**tasks[0].to_row(), "base_files": {"../x.py": ""}}), ":2: field 'base_files'"),
+        "no repo": (json.dumps({**tasks[0].to_row(), "instance_id": "x", "repo": str(tmp_path / "nope")}),
+                    ":2: field 'repo'"),
     }
     for name, (line, expected) in cases.items():
         p = tmp_path / f"{name.replace(' ', '_')}.jsonl"
@@ -139,9 +151,16 @@ def test_loader_errors_name_file_line_and_field(tmp_path, synthesized):
     p = tmp_path / "swebench.jsonl"
     p.write_text(json.dumps({**tasks[0].to_row(), "FAIL_TO_PASS": json.dumps(tasks[0].FAIL_TO_PASS)}) + "\n")
     assert load_tasks(p)[0].FAIL_TO_PASS == tasks[0].FAIL_TO_PASS
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(good.encode() + b'\n{"instance_id": "caf\xe9"}\n')
+    with pytest.raises(TaskFormatError, match=r"latin1.jsonl:2: not UTF-8"):
+        load_tasks(p)
     p = tmp_path / "preds.jsonl"
     p.write_text('{"instance_id": "a", "model_patch": null}\n{"model_patch": ""}\n')
     with pytest.raises(TaskFormatError, match=r"preds.jsonl:2: missing field 'instance_id'"):
+        load_predictions(p)
+    p.write_text('{"instance_id": "a", "model_patch": "x"}\n\n{"instance_id": "a", "model_patch": ""}\n')
+    with pytest.raises(TaskFormatError, match=r"preds.jsonl:3: field 'instance_id' 'a' repeats .*preds.jsonl:1"):
         load_predictions(p)
 
 

@@ -1,8 +1,9 @@
 """SWE tiny mode (generated tasks, swe_difficulty=0) and make_env's swe sources, in real sandboxes:
 the oracle's diff scores 1.0 through the multi-turn loop, a wrong answer 0.0; held-out and training
 task ids are disjoint; generated tasks round-trip through a JSONL file; the sample_repo tasks are
-synthesized once and then read from the cache."""
+synthesized once and then read from the cache; patches that game the tests score 0."""
 
+import json
 import random
 
 import pytest
@@ -10,7 +11,8 @@ import pytest
 from envs import make_env
 from envs.swe import GeneratedSWEEnv, SWEEnv, sample_repo_tasks, swe_backend_options, swe_profile
 from envs.swe.generated import generate
-from envs.swe.tasks import write_tasks
+from envs.swe.runtime import REPORT_PLUGIN
+from envs.swe.tasks import TaskFormatError, task_files, task_from_row, unified_diff, write_tasks
 from rayrl.config import GRPOConfig
 from rayrl.models import load_tokenizer, resolve_model_path
 from rayrl.rollout.agent import EpisodeLimits, play_task
@@ -94,3 +96,62 @@ def test_sample_repo_tasks_are_synthesized_once_then_cached(tmp_path, capfd):
     assert "cached" in capfd.readouterr().err
     assert [t.to_row() for t in again] == [t.to_row() for t in first]
     assert len(list(tmp_path.glob("sample_repo-*-n2-s0.jsonl"))) == 1
+
+
+def test_an_empty_task_file_is_named(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n\n")
+    with pytest.raises(TaskFormatError, match=f"{path}: no tasks"):
+        make_env(_cfg(source=str(path)), 0)
+
+
+HOOK = """import pytest
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    outcome.get_result().outcome = "passed"
+"""
+
+
+def _new_file(path: str, text: str) -> str:
+    lines = text.splitlines()
+    return (f"diff --git a/{path} b/{path}\nnew file mode 100644\n--- /dev/null\n+++ b/{path}\n"
+            f"@@ -0,0 +1,{len(lines)} @@\n" + "".join(f"+{line}\n" for line in lines))
+
+
+def _appender(line: str) -> str:
+    """Module code that appends `line` to every report-like file at exit, after pytest's own lines."""
+    return ("import atexit, glob\n\n\n@atexit.register\ndef _append():\n"
+            "    for path in glob.glob('/tmp/*.jsonl') + ['/tmp/rayrl_swe_report.jsonl']:\n"
+            f"        with open(path, 'a') as f:\n            f.write({line + chr(10)!r})\n\n\n")
+
+
+async def test_patches_that_game_the_tests_score_zero(pool):
+    """Patches that leave the bug but change the tests, pytest's configuration or the report score 0
+    (the tests are restored, the report is signed); the gold patch with a hook added still scores 1."""
+    env = GeneratedSWEEnv(_cfg(1), 0, pool=pool)
+    task = env.sample(random.Random(3))
+    swe = task_from_row(task.meta["swe"])
+    files = {p: d.decode() for p, d in task_files(swe).items()}
+    (node,) = swe.FAIL_TO_PASS
+    tests, module = node.split("::")[0], swe.meta["module"]
+    forged = json.dumps({"nodeid": node, "when": "call", "outcome": "passed", "xfail": True})   # xpass wins
+    stand_in = REPORT_PLUGIN.replace('"outcome": report.outcome', '"outcome": "passed"')
+    assert stand_in != REPORT_PLUGIN
+    hacks = {
+        "conftest hook": _new_file("conftest.py", HOOK),
+        "edited tests": unified_diff(tests, files[tests], files[tests].replace("assert ", "assert True or ")),
+        "plugin via pytest.ini": unified_diff("pytest.ini", files["pytest.ini"], "[pytest]\naddopts = -p hack\n")
+                                 + _new_file("hack.py", HOOK),
+        "forged report line": unified_diff(module, files[module], _appender(forged) + files[module]),
+        "malformed report line": unified_diff(module, files[module],
+                                              _appender('{"nodeid": "x", "n": ' + "9" * 5000 + "}") + files[module]),
+        "stand-in reporter": _new_file("rayrl_swe_report.py", stand_in),
+    }
+    for name, patch in hacks.items():
+        reward, info = await env.verify(task, patch)
+        assert reward == 0.0 and info["patch_applied"] and info["FAIL_TO_PASS"] == {node: "failed"}, (name, info)
+    reward, info = await env.verify(task, swe.patch + _new_file("conftest.py", HOOK.replace('"passed"', '"failed"')))
+    assert reward == 1.0, info

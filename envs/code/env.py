@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 from dataclasses import dataclass
 
 from envs.base import Env, Task
 from envs.code import generator
-from envs.code.tasks import SAMPLES_PATH, CodeTask, load_tasks
+from envs.code.tasks import MAX_TIMEOUT_S, SAMPLES_PATH, CodeTask, load_tasks
 from envs.code.verify import DEFAULT_TIMEOUT_S, PoolClient, code_profile, grade_completion
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,6 +70,8 @@ class CodeEnv(Env):
             raise ValueError(f"task.difficulty={self.difficulty}: must be >= 1")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"task.eval_fraction={self.eval_fraction}: must be in (0, 1)")
+        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            raise ValueError(f"task.timeout_s={self.timeout_s}: must be in (0, {MAX_TIMEOUT_S:g}]")
         self._pool = PoolClient(pool) if pool is not None else None
         self._own_pool = None
         self._pool_lock = asyncio.Lock()
@@ -78,8 +83,10 @@ class CodeEnv(Env):
             for t in tasks:
                 (self._eval if generator.unit_hash("split:" + t.task_id) < self.eval_fraction
                  else self._train).append(t)
-            if not self._train:   # a tiny file: train on everything rather than on nothing
-                self._train = list(tasks)
+            if not (self._train and self._eval):   # too few tasks to split: all of them on both sides, as SWEEnv
+                log.warning("%s: no %s task among %d at eval_fraction=%g: training and evaluating on all of them",
+                            path, "training" if self._eval else "held-out", len(tasks), self.eval_fraction)
+                self._train, self._eval = list(tasks), list(tasks)
 
     # -- tasks ------------------------------------------------------------------------------
     def _task(self, ct: CodeTask) -> Task:

@@ -18,7 +18,8 @@ import json
 import sys
 import time
 
-from envs.code.tasks import TaskFormatError, load_tasks, read_jsonl
+from envs.code.tasks import MAX_TIMEOUT_S, TaskFormatError, load_tasks
+from envs.rows import jsonl_rows
 from envs.code.verify import DEFAULT_TIMEOUT_S, PoolClient, code_profile, grade_completion
 from rayrl.sandbox.base import SandboxInfraError
 
@@ -27,7 +28,7 @@ def _solutions(path: str, tasks: dict) -> list[dict]:
     """One entry per solution row: {"where", "task_id", "completion"} or with an "error"."""
     rows = []
     try:
-        lines = list(read_jsonl(path))
+        lines = list(jsonl_rows(path))
     except TaskFormatError as e:   # unreadable file or a line of bad JSON: report it as one failed row
         return [{"where": path, "task_id": "?", "error": str(e)}]
     for lineno, row in lines:
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=4, help="sandboxes graded at once")
     ap.add_argument("--verbose", action="store_true", help="print the stderr tail of failed solutions")
     args = ap.parse_args(argv)
+    if args.timeout is not None and not 0 < args.timeout <= MAX_TIMEOUT_S:
+        ap.error(f"--timeout {args.timeout}: must be in (0, {MAX_TIMEOUT_S:g}]")
     try:
         tasks = {t.task_id: t for t in load_tasks(args.tasks)}
     except TaskFormatError as e:

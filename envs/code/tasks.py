@@ -19,9 +19,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from envs.rows import TaskFormatError
+from envs.rows import TaskFormatError, jsonl_rows
 
 SAMPLES_PATH = Path(__file__).with_name("samples.jsonl")
+MAX_TIMEOUT_S = 300.0   # per test run; more is a typo, and each run holds a sandbox that long
 
 
 @dataclass
@@ -73,8 +74,8 @@ def parse_task(row, where: str = "<row>") -> CodeTask:
     prompt = _need(row, "prompt", str, where)
     solution = _need(row, "canonical_solution", str, where, optional=True)
     timeout = _need(row, "timeout_s", (int, float), where, optional=True)
-    if timeout is not None and timeout <= 0:
-        raise TaskFormatError(f"{where}: field 'timeout_s' must be positive")
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:   # NaN fails both comparisons
+        raise TaskFormatError(f"{where}: field 'timeout_s' must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {timeout}")
     if "tests" in row:
         tests = _need(row, "tests", list, where)
         if not tests:
@@ -99,26 +100,10 @@ def parse_task(row, where: str = "<row>") -> CodeTask:
                     canonical_solution=solution, timeout_s=timeout)
 
 
-def read_jsonl(path: str | Path):
-    """(line number, parsed object) per non-blank line; a JSON error names the file and line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise TaskFormatError(f"{path}: cannot read: {e.strerror or e}") from None
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskFormatError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-
-
 def load_tasks(path: str | Path) -> list[CodeTask]:
     """Every task of a JSONL file, validated; duplicate task ids are an error."""
     tasks: dict[str, CodeTask] = {}
-    for lineno, row in read_jsonl(path):
+    for lineno, row in jsonl_rows(path):
         task = parse_task(row, f"{path}:{lineno}")
         if task.task_id in tasks:
             raise TaskFormatError(f"{path}:{lineno}: duplicate task_id {task.task_id!r}")

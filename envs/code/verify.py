@@ -6,8 +6,8 @@ case with the input on stdin; its stdout is compared with the expected output, w
 normalized (trailing spaces, runs of blanks and blank lines at either end ignored).
 
 A small runner (passed with `python3 -c`) compiles the program first (so a syntax error is told
-apart from a runtime error) and, for function tasks, prints a per-run random token only after the
-tests finished, so a program that exits early (`sys.exit(0)`, `os._exit(0)`) never passes.
+apart from a runtime error). For function tasks a pass is a per-run random token at the end of
+stdout, which the tested code never holds: see RUNNER.
 
 Reward 1.0 iff every test passes; the info holds `passed`/`total`, `failure` (None,
 `syntax_error`, `wrong_answer`, `timeout`, `runtime_error` or `memory_limit`), a short `stderr`
@@ -30,17 +30,44 @@ FAILURES = ("syntax_error", "wrong_answer", "timeout", "runtime_error", "memory_
 
 _SYNTAX_EXIT, _ASSERT_EXIT, _EARLY_EXIT = 97, 98, 99
 
-# argv: mode ("function" | "stdio"), program file. Function mode reads its token from stdin.
+# argv: mode ("function" | "stdio"), program file. Function mode: stdin holds the pass token.
+#
+# Why a keeper process: the program runs in this interpreter, so whatever this interpreter holds (a
+# global, a buffer, an open fd) the program can read. A keeper, forked before the program runs, reads
+# the token from stdin and prints it only when this process reports, after check() returned, on a
+# pipe. This process never reads stdin (its fd 0 becomes /dev/null), and the keeper is non-dumpable,
+# so the program (same uid) may not read the keeper's memory or fds through /proc or ptrace.
+# Exiting early (os._exit, sys.exit, a signal), an atexit hook, printing or patching print/stdout
+# therefore never pass. Still possible, on purpose only: replaying the report (writing b"ok" to the
+# pipe, e.g. from an atexit hook, then exiting 0), or tampering with the interpreter the check runs
+# in (sys.settrace skipping the asserts, patched builtins, a result whose __eq__ is always true).
+# Closing those needs the check in another interpreter, fed the candidate's results as plain data.
 RUNNER = f"""
 import os, sys, traceback
 mode, path = sys.argv[1], sys.argv[2]
-token = sys.stdin.readline().strip() if mode == "function" else ""
 try:
     with open(path, encoding="utf-8", errors="replace") as f:
         code = compile(f.read(), path, "exec")
 except (SyntaxError, ValueError):
     traceback.print_exc(limit=0)
     sys.exit({_SYNTAX_EXIT})
+if mode == "function":
+    import ctypes
+    prctl = ctypes.CDLL(None).prctl
+    prctl(4, 0, 0, 0, 0)   # PR_SET_DUMPABLE 0: the keeper is born non-dumpable (no window for the program)
+    verdict, report = os.pipe()
+    keeper = os.fork()
+    if keeper == 0:
+        os.close(report)
+        token = sys.stdin.readline().strip()
+        if os.read(verdict, 2) == b"ok":
+            os.write(1, ("\\n" + token + "\\n").encode())
+        os._exit(0)
+    prctl(4, 1, 0, 0, 0)   # this process dumpable again, as the program expects
+    os.close(verdict)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
 sys.argv = [path]
 sys.path.insert(0, os.getcwd())
 scope = {{"__name__": "__main__", "__file__": path, "__builtins__": __builtins__}}
@@ -56,7 +83,8 @@ except SystemExit as e:
     sys.stderr.write("the program exited (SystemExit %r) before its tests finished\\n" % (e.code,))
     os._exit({_EARLY_EXIT})
 sys.stdout.flush()
-os.write(1, ("\\n" + token + "\\n").encode())
+os.write(report, b"ok")
+os.waitpid(keeper, 0)
 """
 
 

@@ -81,8 +81,7 @@ class SWEEnv(Env):
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=4).digest(), "little") / 2**32
 
     def prompt(self, t: SWETask) -> str:
-        from envs.swe.synthesize import is_test_file
-        from envs.swe.tasks import task_files
+        from envs.swe.tasks import is_test_file, task_files
         if "generated" in t.meta:   # a generated task (envs.swe.generated), e.g. loaded from JSONL
             from envs.swe.generated import tiny_prompt
             return tiny_prompt(t)
@@ -230,4 +229,6 @@ def make_swe_env(task_cfg, seed: int = 0, pool=None) -> Env:
         if not Path(source).is_file():
             raise ValueError(f"task.swe_source={source!r}: expected generated, sample_repo or a tasks JSONL file")
         tasks = load_tasks(source)
+        if not tasks:
+            raise TaskFormatError(f"{source}: no tasks in the file (task.swe_source)")
     return SWEEnv(tasks, pool, eval_fraction=frac, latency=latency, seed=seed)

@@ -3,7 +3,7 @@
 The sandbox sees the host's /usr, so /usr/bin/python3 (Debian's 3.11, no pytest) and /usr/bin/git.
 pytest comes from a read-only directory holding a copy of the pure-Python distributions pytest needs
 (pytest, pluggy, iniconfig, packaging, pygments, taken from the running interpreter's environment)
-plus a tiny reporting plugin; it is bound into every sandbox at the same path
+plus a tiny runner with a reporting plugin; it is bound into every sandbox at the same path
 (`BwrapBackend(extra_ro_binds=...)`) and put on PYTHONPATH by the SWE profile.
 
 A pool that serves SWE tasks must therefore be made with `swe_profile()` and
@@ -26,20 +26,26 @@ from rayrl.sandbox.base import Limits, Profile
 PROFILE_NAME = "swe"
 _DISTS = ("pytest", "pluggy", "iniconfig", "packaging", "pygments")
 
-# Written into the runtime directory; loaded with `-p rayrl_swe_report`. One JSON line per test
-# phase, appended as the run goes (so a run killed at its timeout still leaves what it finished).
+# Written into the runtime directory as rayrl_swe_report.py; `main()` runs pytest with a reporter.
+# One signed JSON line per test phase, appended as the run goes (so a run killed at its timeout
+# still leaves what it finished).
 REPORT_PLUGIN = r'''
-"""pytest plugin: per-node-id outcomes as JSON lines in $RAYRL_SWE_REPORT."""
+"""pytest with a reporter: per-node-id outcomes as JSON lines, appended to the file named on stdin.
+
+stdin holds `<key> <report path>`. Each line is `<HMAC-SHA256 of the JSON under key> <JSON>`: the
+code under test can write to the report, but not sign. The key is read here, before pytest loads
+anything from the repository, and is kept off the command line, the environment and the disk."""
+import hashlib
+import hmac
 import json
 import os
+import sys
 
-_PATH = os.environ.get("RAYRL_SWE_REPORT")
+import pytest
 
 
-def _write(row):
-    if _PATH:
-        with open(_PATH, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+def sign(key, line):
+    return hmac.new(key.encode(), line.encode(), hashlib.sha256).hexdigest()
 
 
 def _message(report):
@@ -53,18 +59,34 @@ def _message(report):
     return text.strip().splitlines()[-1][:500] if text.strip() else ""
 
 
-def pytest_runtest_logreport(report):
-    row = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome}
-    if hasattr(report, "wasxfail"):
-        row["xfail"] = True
-    if report.outcome == "failed":
-        row["message"] = _message(report)
-    _write(row)
+class Reporter:
+    def __init__(self, key, path):
+        self._key, self._path = key, path
+
+    def _write(self, row):
+        line = json.dumps(row)
+        with open(self._path, "a", encoding="utf-8") as f:
+            f.write(sign(self._key, line) + " " + line + "\n")
+
+    def pytest_runtest_logreport(self, report):
+        row = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome}
+        if hasattr(report, "wasxfail"):
+            row["xfail"] = True
+        if report.outcome == "failed":
+            row["message"] = _message(report)
+        self._write(row)
+
+    def pytest_collectreport(self, report):
+        if report.outcome == "failed":
+            self._write({"nodeid": report.nodeid, "when": "collect", "outcome": "failed",
+                         "message": _message(report)})
 
 
-def pytest_collectreport(report):
-    if report.outcome == "failed":
-        _write({"nodeid": report.nodeid, "when": "collect", "outcome": "failed", "message": _message(report)})
+def main():
+    key, path = sys.stdin.readline().split()
+    os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"   # no plugins from the repository's metadata
+    sys.path.insert(0, os.getcwd())                       # the repository, as `python -m pytest` has it
+    return pytest.main(sys.argv[1:], plugins=[Reporter(key, path)])
 '''
 
 

@@ -25,14 +25,7 @@ from envs.swe.harness import REPO_DIR, apply_patch, decide, node_files, run_pyte
 from envs.swe.mutate import Mutation, mutations
 from envs.swe.runtime import PROFILE_NAME, make_pool
 from rayrl.sandbox.client import PoolClient
-from envs.swe.tasks import SWETask, content_hash, read_repo, repo_ref, unified_diff, write_tasks
-
-
-def is_test_file(path: str) -> bool:
-    name = Path(path).name
-    parts = Path(path).parts
-    return (name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py"
-            or "tests" in parts[:-1] or "test" in parts[:-1])
+from envs.swe.tasks import SWETask, content_hash, is_test_file, read_repo, repo_ref, unified_diff, write_tasks
 
 
 def source_files(files: dict[str, bytes]) -> list[str]:

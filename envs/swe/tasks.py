@@ -27,7 +27,7 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from envs.rows import TaskFormatError, read_jsonl
 
@@ -123,17 +123,28 @@ def task_from_row(row, where: str = "<row>") -> SWETask:
 
 
 def load_tasks(path: str | os.PathLike) -> list[SWETask]:
-    """Read and validate a tasks JSONL file (blank lines are skipped; ids must be unique)."""
-    seen: dict[str, str] = {}
-
+    """Read and validate a tasks JSONL file (blank lines are skipped; ids must be unique, repos must exist)."""
     def parse(row, where: str) -> SWETask:
         task = task_from_row(row, where)
-        if task.instance_id in seen:
-            raise TaskFormatError(f"{where}: field 'instance_id' {task.instance_id!r} repeats {seen[task.instance_id]}")
-        seen[task.instance_id] = where
+        if not resolve_repo(task.repo).is_dir():
+            raise TaskFormatError(f"{where}: field 'repo': {str(resolve_repo(task.repo))!r} is not a directory")
         return task
 
-    return read_jsonl(path, parse)
+    return read_jsonl(path, _unique(parse, lambda task: task.instance_id))
+
+
+def _unique(parse, id_of):
+    """`parse` for `read_jsonl`, refusing an instance id that an earlier line had."""
+    seen: dict[str, str] = {}
+
+    def checked(row, where: str):
+        item = parse(row, where)
+        if id_of(item) in seen:
+            raise TaskFormatError(f"{where}: field 'instance_id' {id_of(item)!r} repeats {seen[id_of(item)]}")
+        seen[id_of(item)] = where
+        return item
+
+    return checked
 
 
 def write_tasks(path: str | os.PathLike, tasks: list[SWETask]) -> None:
@@ -156,8 +167,8 @@ def _prediction(row, where: str) -> tuple[str, str]:
 
 
 def load_predictions(path: str | os.PathLike) -> dict[str, str]:
-    """Predictions JSONL: rows with `instance_id` and `model_patch` (null counts as empty)."""
-    return dict(read_jsonl(path, _prediction))
+    """Predictions JSONL: rows with `instance_id` and `model_patch` (null counts as empty); ids must be unique."""
+    return dict(read_jsonl(path, _unique(_prediction, lambda pred: pred[0])))
 
 
 # -- repository state ----------------------------------------------------------------------------
@@ -198,6 +209,14 @@ def read_repo(path: str | os.PathLike) -> dict[str, bytes]:
                 raise ValueError(f"repository {str(path)!r} is larger than {MAX_REPO_BYTES >> 20} MiB")
             files[full.relative_to(root).as_posix()] = data
     return files
+
+
+def is_test_file(path: str) -> bool:
+    """Test code, by its name or directory: synthesis does not mutate it, grading restores it."""
+    parts = PurePosixPath(path).parts
+    name = parts[-1]
+    return (name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py"
+            or "tests" in parts[:-1] or "test" in parts[:-1])
 
 
 def content_hash(files: dict[str, bytes]) -> str:
