@@ -8,6 +8,7 @@ actor starts.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -377,6 +378,14 @@ _MINIMUM = {  # key: smallest allowed value
     "model.tiny.num_experts": 1, "model.tiny.experts_per_token": 1, "model.tiny.expert_size": 1,
     "rollout.num_cpus": 0.0, "rollout.num_gpus": 0.0, "reward.num_cpus": 0.0, "learner.num_cpus": 0.0,
     "learner.num_gpus": 0.0, "distill.teacher_cpus": 0.0, "distill.teacher_gpus": 0.0, "sandbox.max_per_node": 1,
+    "trainer.sft.lr": 0.0, "trainer.eval.temperature": 0.0, "trainer.eval.every": 0, "trainer.ckpt_every": 0,
+    "distill.baseline_lr": 0.0, "learner.grad_clip": 0.0, "learner.weight_decay": 0.0, "task.max_operand": 0,
+    "task.code_timeout_s": 0.0,
+}
+_SHARES = {  # key: (low, high, whether the bounds themselves are allowed)
+    "task.eval_fraction": (0.0, 1.0, False),   # 0 holds nothing out, 1 leaves nothing to train on
+    "task.demo_error": (0.0, 1.0, True), "task.easy_share": (0.0, 1.0, True),
+    "task.general_math_fraction": (0.0, 1.0, True), "replay.resampling_floor": (0.0, 1.0, True),
 }
 # The config keys of the custom Ray resources each role reserves per actor: {key: role}.
 ROLE_RESOURCES = {"rollout.resources": "generator", "reward.resources": "grader",
@@ -596,8 +605,17 @@ def validate(cfg) -> None:
             value = _get(cfg, key)
         except AttributeError:
             continue
+        if not math.isfinite(value):   # NaN would pass any comparison below
+            raise ConfigError(f"{key}={value!r} must be a finite number")
         if value < low:
             raise ConfigError(f"{key}={value!r} must be >= {low}")
+    for key, (low, high, closed) in _SHARES.items():
+        try:
+            value = _get(cfg, key)
+        except AttributeError:
+            continue
+        if not (low <= value <= high if closed else low < value < high):
+            raise ConfigError(f"{key}={value!r} must be in {'[' if closed else '('}{low:g}, {high:g}{']' if closed else ')'}")
     try:
         zero = _get(cfg, "learner.zero_stage")
         if zero not in (0, 1, 2, 3):
@@ -609,9 +627,14 @@ def validate(cfg) -> None:
         if samples > 1 and temperature <= 0:
             raise ConfigError(f"trainer.eval.samples={samples} needs trainer.eval.temperature > 0: greedy "
                               "decoding gives the same sample every time")
-        floor = _get(cfg, "replay.resampling_floor")
-        if not 0.0 <= floor <= 1.0:
-            raise ConfigError(f"replay.resampling_floor={floor!r} must be in [0, 1] (a share of each domain's prompts)")
+        if _get(cfg, "replay.filter_zero_variance") and (cfg.rollout.group_size < 2 or cfg.rollout.temperature == 0):
+            raise ConfigError(f"replay.filter_zero_variance=true drops every group whose rewards are all equal, and "
+                              f"with rollout.group_size={cfg.rollout.group_size} and rollout.temperature="
+                              f"{cfg.rollout.temperature:g} every group is: the run would wait forever for a batch")
+        loss = cfg.learner.loss
+        if loss.off_policy == "icepop" and not loss.icepop_low < 1.0 < loss.icepop_high:
+            raise ConfigError(f"learner.loss.icepop_low={loss.icepop_low!r} and icepop_high={loss.icepop_high!r}: "
+                              "IcePop keeps tokens whose IS weight is in [low, high], which must hold 1")
     except AttributeError:
         pass
 

@@ -173,3 +173,27 @@ def test_tool_output_cannot_forge_control_tokens(tokenizer):
     clean, hostile = template.ids("ok", True), template.ids(forged, True)
     assert [i for i in hostile if i in special] == [i for i in clean if i in special]
     assert forged in tokenizer.decode(hostile)   # the characters are all there, as text
+
+
+async def test_a_context_that_fills_the_engine_ends_the_episode(tokenizer, tools):
+    scaffold = XMLScaffold()
+    prompt, policy, params, template = setup(tokenizer, scaffold, ["<bash>echo hi</bash>"] * 5)
+    limits = EpisodeLimits(max_context=len(prompt) + 1)   # room for the first turn only
+    episode = await run_episode(policy, tokenizer, scaffold, prompt, tools, params, limits, template)
+    assert (episode.end_reason, episode.turns) == ("max_context", 1)
+
+
+async def test_a_prompt_the_engine_cannot_take_fails_alone_not_its_batch():
+    import asyncio
+    from rayrl.rollout.generator import _Batcher
+    from rayrl.rollout.torch_engine import TorchEngine
+    engine = TorchEngine(resolve_model_path(GRPOConfig().model))
+    engine.max_context = 8   # as vLLM's max_model_len
+    batcher = _Batcher(engine, max_batch=8)
+    serving = asyncio.create_task(batcher.serve())
+    params = SamplingParams(max_new_tokens=2)
+    fits, too_long = await asyncio.gather(batcher.generate([1, 2, 3], params), batcher.generate(list(range(1, 9)), params),
+                                          return_exceptions=True)
+    serving.cancel()
+    assert len(fits.tokens) == 2
+    assert isinstance(too_long, ValueError) and "8 tokens does not fit the engine's context of 8" in str(too_long)

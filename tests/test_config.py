@@ -34,11 +34,26 @@ def test_overrides_are_typed_and_merged_over_yaml():
     ("replay.curate_min_pass=-0.1", "replay.curate_min_pass"),
     ("learner.zero_stage=4", "learner.zero_stage"),
     ("trainer.eval.samples=0", "trainer.eval.samples"),
+    ("task.eval_fraction=0", "task.eval_fraction"),     # held out nothing: the held-out draw never ended
+    ("task.eval_fraction=1", "task.eval_fraction"),
+    ("trainer.lr=nan", "trainer.lr"),
+    ("trainer.lr=inf", "trainer.lr"),
+    ("trainer.eval.temperature=-1", "trainer.eval.temperature"),
+    ("task.demo_error=1.5", "task.demo_error"),
+    ("rollout.group_size=1", "replay.filter_zero_variance"),   # every group dropped: waited forever
+    ("rollout.temperature=0", "replay.filter_zero_variance"),
 ])
 def test_bad_keys_and_values_name_the_key(arg, key):
     with pytest.raises(ConfigError) as err:
         load(GRPOConfig, str(RECIPE_YAML), [arg])
     assert key in str(err.value)
+
+
+def test_icepop_bounds_must_hold_a_weight_of_one():
+    with pytest.raises(ConfigError, match="icepop_low=3.0 and icepop_high=2.0"):
+        load(GRPOConfig, str(RECIPE_YAML), ["learner.loss.off_policy=icepop", "learner.loss.icepop_low=3"])
+    cfg = load(GRPOConfig, str(RECIPE_YAML), ["rollout.group_size=1", "replay.filter_zero_variance=false"])
+    assert cfg.rollout.group_size == 1
 
 
 def test_several_eval_samples_need_sampling():

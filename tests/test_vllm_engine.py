@@ -154,7 +154,7 @@ def test_vllm_score_matches_hf_and_rejects_bad_input(vllm_engine, lively):
     with pytest.raises(ValueError, match="at least one token"):
         vllm_engine.generate([[]], SamplingParams())
     with pytest.raises(ValueError, match="does not fit"):
-        vllm_engine.generate([[5] * vllm_engine.max_model_len], SamplingParams())
+        vllm_engine.generate([[5] * vllm_engine.max_context], SamplingParams())
     with pytest.raises(ValueError, match="2 prompts but 1"):
         vllm_engine.score(prompts[:2], continuations[:1])
 

@@ -28,6 +28,7 @@ class EpisodeLimits:
     max_new_tokens: int = 256         # per model turn
     wall_s: float = 300.0
     observation_chars: int = 2000     # tool output shown to the model is cut to this
+    max_context: int | None = None    # the engine's (Engine.max_context): a context that fills it ends the episode
 
 
 @dataclass
@@ -44,7 +45,7 @@ class Episode:
     prompt: list[int]
     segments: list[Segment]
     answer: str | None                # the submitted answer, if the episode got that far
-    end_reason: str                   # answer | invalid: ... | max_turns | max_tokens | wall_time
+    end_reason: str                   # answer | invalid: ... | max_turns | max_tokens | max_context | wall_time
     turns: int
 
     def add_to(self, tree: TrajectoryTree, parent: int = 0) -> int:
@@ -129,6 +130,9 @@ async def run_episode(generate, tokenizer, scaffold: Scaffold, prompt: list[int]
             break
         if time.monotonic() - start > limits.wall_s:
             reason = "wall_time"
+            break
+        if limits.max_context is not None and len(context) >= limits.max_context:
+            reason = "max_context"
             break
         out = await generate(context, replace(params, max_new_tokens=budget))
         turns += 1

@@ -72,12 +72,23 @@ class _Batcher:
             await asyncio.sleep(0)   # let the other ready episodes enqueue their turns
             while not self.queue.empty() and len(items) < self.max_batch:
                 items.append(self.queue.get_nowait())
+            items = [item for item in items if self._fits(item)]
             try:
                 await self._run(items)
             except Exception as err:  # fail the episodes that asked, keep serving the others
                 for _, _, fut in items:
                     if not fut.done():
                         fut.set_exception(err)
+
+    def _fits(self, item) -> bool:
+        """Whether a request's prompt fits the engine's context; one that does not fails alone,
+        not with every request batched with it."""
+        prompt, _, fut = item
+        limit = self.engine.max_context
+        if limit is None or len(prompt) < limit:
+            return True
+        fut.set_exception(ValueError(f"a prompt of {len(prompt)} tokens does not fit the engine's context of {limit}"))
+        return False
 
     async def _run(self, items: list) -> None:
         if self.pending_weights is not None:
@@ -135,7 +146,7 @@ class RolloutGenerator:
                                      temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
                                      stop_token_ids=tuple(self.stop_ids()))
         self.limits = EpisodeLimits(max_turns=rollout_cfg.max_turns, max_tokens=rollout_cfg.max_episode_tokens,
-                                    max_new_tokens=rollout_cfg.max_new_tokens)
+                                    max_new_tokens=rollout_cfg.max_new_tokens, max_context=self.engine.max_context)
         self.batcher = _Batcher(self.engine, rollout_cfg.max_batch)
         self._serve_task: asyncio.Task | None = None
         self._workers: asyncio.Future | None = None   # run()'s rollout workers

@@ -112,7 +112,7 @@ class VLLMEngine(Engine):
                               **options)
         # (The CPU worker also turns torch.set_num_threads into a no-op for the whole process: its
         # attention kernels fail if the thread count changes after they were set up.)
-        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.max_context = self.llm.llm_engine.model_config.max_model_len
         self.seeded_step_tokens = (self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
                                    if cpu else None)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
@@ -219,7 +219,7 @@ class VLLMEngine(Engine):
         if any(len(p) == 0 for p in ids):
             raise ValueError("every prompt needs at least one token")
         longest = max(len(p) for p in ids)
-        if longest >= self.max_model_len:
+        if longest >= self.max_context:
             raise ValueError(f"a sequence of {longest} tokens does not fit the vLLM engine's context of "
-                             f"{self.max_model_len} (the model's max_position_embeddings)")
+                             f"{self.max_context} (the model's max_position_embeddings)")
         return ids
