@@ -112,11 +112,16 @@ class GeneratedEnv(Env):
     def eval_tasks(self, n: int) -> list[Task]:
         from envs.rows import held_out
         rng, out = random.Random(self.eval_seed), {}
-        while len(out) < n:
+        if n <= 0:
+            return []
+        for _ in range(1000 * n):   # bounded: a small task space may not hold n distinct held-out tasks
             row = self.generate_row(rng)
             if held_out(row["task_id"], self.eval_fraction):
                 out.setdefault(row["task_id"], self.to_task(row))
-        return list(out.values())
+                if len(out) == n:
+                    return list(out.values())
+        raise ValueError(f"{self.domain}: only {len(out)} distinct held-out tasks in {1000 * n} draws, "
+                         f"{n} asked (task.eval_size); lower it, or raise task.eval_fraction")
 
 
 VERIFIER_ERRORS_PRINTED = 5

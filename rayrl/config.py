@@ -586,13 +586,27 @@ def _check_resources(cfg) -> None:
 
 def validate(cfg) -> None:
     _check_domains("task.name", [n.strip() for n in cfg.task.name.split(",") if n.strip()])
+    from envs.base import parse_latency   # pure: the environments' own check, here before any actor
+    try:
+        parse_latency(cfg.task.tool_latency)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    tiny = cfg.model.tiny
+    if not cfg.model.path and (tiny.hidden_size % tiny.num_heads or tiny.num_heads % tiny.num_kv_heads):
+        raise ConfigError(f"model.tiny: hidden_size={tiny.hidden_size} must be a multiple of num_heads="
+                          f"{tiny.num_heads}, and num_heads of num_kv_heads={tiny.num_kv_heads}")
     _check_resources(cfg)
     _validate_schedule(cfg)
     _validate_run(cfg)
     if hasattr(cfg, "unify"):
         _check_domains("unify.domains", list(cfg.unify.domains))
+        if len(set(cfg.unify.domains)) != len(cfg.unify.domains):
+            raise ConfigError(f"unify.domains={list(cfg.unify.domains)!r}: a domain is named twice")
         for name in cfg.unify.experts:
             _check_domains("unify.experts", [name])
+            if name not in cfg.unify.domains:
+                raise ConfigError(f"unify.experts.{name}: {name} is not in unify.domains={list(cfg.unify.domains)!r}, "
+                                  "so its expert would never be used")
     for key, choices in _CHOICES.items():
         try:
             value = _get(cfg, key)
@@ -706,10 +720,30 @@ def load(schema: type, yaml_path: str | list[str] | None = None, argv: list[str]
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or ""
         reason = str(err).splitlines()[0]
-        where = f" (in {yaml_path})" if yaml_path else ""
+        given = {arg.split("=", 1)[0] for arg in argv or []}
+        where = " (on the command line)" if key in given else f" (in {yaml_path})" if yaml_path else ""
         raise ConfigError(f"config key {key!r}: {reason}{where}") from None
     validate(cfg)
     return cfg
+
+
+def check_paths(cfg) -> None:
+    """The folders a run reads, checked on the driver before the run directory is touched or any
+    actor starts (a typo otherwise fails minutes later, inside an actor, or silently trains anew)."""
+    def model_folder(key: str, path: str) -> None:
+        full = expand(path)
+        if not os.path.isdir(full):
+            raise ConfigError(f"{key}={path!r}: no such directory ({full}; models are never downloaded)")
+        if not os.path.isfile(os.path.join(full, "config.json")):
+            raise ConfigError(f"{key}={path!r}: not a Hugging Face model folder (no config.json in {full})")
+
+    if cfg.model.path and cfg.model.path != "smollm2":   # smollm2: the packaged model (rayrl.models.SMOLLM2)
+        model_folder("model.path", cfg.model.path)
+    if hasattr(cfg, "unify"):
+        if cfg.unify.reuse and not os.path.isdir(expand(cfg.unify.reuse)):
+            raise ConfigError(f"unify.reuse={cfg.unify.reuse!r}: no such directory ({expand(cfg.unify.reuse)})")
+        for domain, path in cfg.unify.experts.items():
+            model_folder(f"unify.experts.{domain}", path)
 
 
 def to_dict(cfg) -> dict[str, Any]:

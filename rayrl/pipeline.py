@@ -24,7 +24,7 @@ from rayrl.algo.distill import domain_reverse_kl
 from rayrl.algo.mismatch import check_served_versions
 from rayrl.algo.resampling import curate, effective_fraction
 from rayrl.algo.schedule import lr_at
-from rayrl.config import check_resume, checkpoint_state, expand, role_demands, to_dict
+from rayrl.config import ConfigError, check_paths, check_resume, checkpoint_state, expand, role_demands, to_dict
 from rayrl.learner.group import LearnerGroup
 from rayrl.metrics import MetricsLogger
 from rayrl.models import load_tokenizer, resolve_model_path
@@ -109,7 +109,7 @@ def check_resources(cfg, copies: int = 1, copies_key: str = "") -> None:
     if not os.environ.get("RAY_ADDRESS"):
         offered = {name: v for name, v in (nodes[0] if nodes else {}).items()
                    if name not in ("memory", "object_store_memory") and not name.startswith("node:")}
-        raise RuntimeError(f"{message}. This local Ray instance offers {offered}: lower these settings, "
+        raise ConfigError(f"{message}. This local Ray instance offers {offered}: lower these settings, "
                            "or run on a cluster whose nodes offer them")
     print(f"{message} yet: these roles wait until such nodes join", flush=True)
 
@@ -585,6 +585,7 @@ def start_run(cfg, keep_lines: int | None = None) -> tuple[str, MetricsLogger, s
     """A fresh run directory (an earlier run in it is moved aside), Ray, the metrics log and the
     config as run: (run dir, log, where the earlier run went). `keep_lines` (a resumed run): the
     directory stays, its metrics cut back to that many lines."""
+    check_paths(cfg)
     run_dir = expand(cfg.run.dir)
     if cfg.run.resume and keep_lines is None:
         raise ValueError(f"run.resume={cfg.run.resume!r}, but this entry point does not resume runs")

@@ -108,22 +108,22 @@ def test_roles_are_placed_on_the_nodes_that_offer_their_resources(tmp_path):
 
 
 def test_a_role_no_node_can_hold_is_an_error_naming_its_keys(ray_session, monkeypatch):
-    from rayrl.config import GRPOConfig, load
+    from rayrl.config import ConfigError, GRPOConfig, load
     from rayrl.pipeline import check_resources
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     cfg = load(GRPOConfig, str(ROOT / "recipes" / "grpo.yaml"), ["rollout.resources.generator=1",
                                                                    "learner.num_gpus=1"])
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ConfigError) as err:   # a recipe prints it as one line, status 2
         check_resources(cfg)
     assert "generator 1 per actor (rollout.num_cpus/num_gpus/resources)" in str(err.value)
     assert "GPU 1 per actor (learner.num_cpus/num_gpus/resources)" in str(err.value)
     check_resources(load(GRPOConfig, str(ROOT / "recipes" / "grpo.yaml"), []))   # the defaults fit one machine
     # Each role fits a node, but not all of them at once: the learner's placement group would wait forever.
     crowded = load(GRPOConfig, str(ROOT / "recipes" / "grpo.yaml"), ["rollout.num_generators=4", "rollout.num_cpus=2"])
-    with pytest.raises(RuntimeError, match=r"CPU \d+ for all the roles at once, of 8 in all"):
+    with pytest.raises(ConfigError, match=r"CPU \d+ for all the roles at once, of 8 in all"):
         check_resources(crowded)
     # Experts trained at once each hold their roles: the defaults fit one machine once, not eight times.
-    with pytest.raises(RuntimeError, match=r"CPU \d+ for all the roles of 8 runs \(unify.parallel_experts=8\) at once"):
+    with pytest.raises(ConfigError, match=r"CPU \d+ for all the roles of 8 runs \(unify.parallel_experts=8\) at once"):
         check_resources(load(GRPOConfig, str(ROOT / "recipes" / "grpo.yaml"), []), 8, "unify.parallel_experts")
 
 

@@ -1,3 +1,5 @@
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +113,31 @@ def test_recipe_fails_before_any_actor_on_bad_key():
     assert out.returncode == 2
     assert "trainer.totl_steps" in out.stderr
     assert "ray" not in out.stdout.lower()
+
+
+def test_paths_a_run_reads_are_checked_before_it_starts(tmp_path):
+    from rayrl.config import UnifyConfig, check_paths
+    model = tmp_path / "model"
+    model.mkdir()
+    for argv, error in ((["model.path=/no/such/model"], "model.path='/no/such/model': no such directory"),
+                        ([f"model.path={model}"], "no config.json"),   # a folder, but not a model
+                        (["unify.reuse=/no/such/run"], "unify.reuse='/no/such/run': no such directory"),
+                        (["unify.experts.swe=/no/such/expert"], "unify.experts.swe='/no/such/expert'")):
+        with pytest.raises(ConfigError, match=re.escape(error)):
+            check_paths(load(UnifyConfig, None, argv))
+    (model / "config.json").write_text("{}")
+    check_paths(load(UnifyConfig, None, [f"model.path={model}", f"unify.experts.swe={model}",
+                                         f"unify.reuse={tmp_path}"]))
+    with pytest.raises(ConfigError, match="unify.experts.math: math is not in unify.domains"):
+        load(UnifyConfig, None, ["unify.experts.math=/x"])
+
+
+def test_a_recipe_with_a_missing_model_stops_before_touching_its_run_directory(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("{}\n")   # an earlier run, which a typo must not move aside
+    out = subprocess.run([sys.executable, str(ROOT / "recipes" / "grpo.py"), "model.path=/no/such/model",
+                          f"run.dir={run_dir}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 2 and "config error: model.path='/no/such/model'" in out.stderr
+    assert "Traceback" not in out.stderr and os.listdir(tmp_path) == ["run"]
+    assert os.listdir(run_dir) == ["metrics.jsonl"]

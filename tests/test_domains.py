@@ -105,3 +105,26 @@ async def test_smollm2_episode_keeps_what_the_engine_produced(world, domain):
     scored = engine.score([episode.prompt], [path.tokens[n:].tolist()])[0]
     mask = path.loss_mask[n:].astype(bool)
     assert np.allclose(scored[mask], path.logprobs[n:][mask], atol=1e-4)
+
+
+def test_a_task_space_too_small_for_the_held_out_set_is_an_error_not_a_hang():
+    from envs.base import GeneratedEnv, Task
+
+    class TwoTasks(GeneratedEnv):
+        domain = "two"
+        eval_fraction = 0.5
+
+        def generate_row(self, rng):
+            return {"task_id": f"t{rng.randint(0, 1)}"}
+
+        def to_task(self, row):
+            return Task(row["task_id"], "p", "a", self.domain)
+
+        def demonstration(self, task):
+            return task.answer
+
+        async def verify(self, task, response):
+            return 0.0, {}
+
+    with pytest.raises(ValueError, match="two: only [01] distinct held-out tasks in 3000 draws, 3 asked"):
+        TwoTasks().eval_tasks(3)   # two tasks in all
