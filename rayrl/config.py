@@ -11,7 +11,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -676,7 +676,14 @@ def load_recipe(schema: type, yaml_path: str | list[str], argv: list[str]):
     yaml_paths = [yaml_path] if isinstance(yaml_path, str) else list(yaml_path)
     overrides = [a for a in argv if a not in HELP]
     try:
-        cfg = load(schema, yaml_paths + resumed_config(overrides), overrides)
+        resumed = resumed_config(overrides)
+        if resumed:
+            with open(resumed[0]) as f:
+                foreign = sorted(set(json.load(f)) - {fld.name for fld in fields(schema)})
+            if foreign:
+                raise ConfigError(f"run.resume: the run in {os.path.dirname(resumed[0])} has {', '.join(foreign)} "
+                                  "settings, which this recipe does not: resume it with the recipe that made it")
+        cfg = load(schema, yaml_paths + resumed, overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -686,6 +693,17 @@ def load_recipe(schema: type, yaml_path: str | list[str], argv: list[str]):
               f"any key can be set as key=value:\n\n{OmegaConf.to_yaml(to_dict(cfg))}", end="")
         raise SystemExit(0)
     return cfg
+
+
+def _parse_override(arg: str):
+    """`key=value` as a one-key config; the value is YAML (`key=` is the empty string)."""
+    import yaml
+    key, value = arg.split("=", 1)
+    try:
+        return OmegaConf.from_dotlist([arg if value else f"{key}=''"])
+    except yaml.YAMLError as err:   # e.g. task.ops=* (a YAML alias) or run.dir=@x
+        raise ConfigError(f"argument {arg!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
+                          f"quote it for YAML, inside the shell's quotes: \"{key}='{value}'\"") from None
 
 
 def load(schema: type, yaml_path: str | list[str] | None = None, argv: list[str] | None = None):
@@ -703,7 +721,7 @@ def load(schema: type, yaml_path: str | list[str] | None = None, argv: list[str]
                 raise ConfigError(f"argument {arg!r} is not key=value (example: trainer.total_steps=20)")
             # An element of a list (srpo.stages.0.steps=30) is set in place after the merge: a
             # dotlist would make the index a dict key, which does not merge into a list.
-            key, parsed = arg.split("=", 1)[0], OmegaConf.from_dotlist([arg])
+            key, parsed = arg.split("=", 1)[0], _parse_override(arg)
             if any(part.isdigit() for part in key.split(".")):
                 in_lists.append((key, parsed))
             else:
@@ -722,6 +740,8 @@ def load(schema: type, yaml_path: str | list[str] | None = None, argv: list[str]
         reason = str(err).splitlines()[0]
         given = {arg.split("=", 1)[0] for arg in argv or []}
         where = " (on the command line)" if key in given else f" (in {yaml_path})" if yaml_path else ""
+        if "is not a ListConfig" in reason:
+            reason = f"a list is needed, e.g. {key}=[a,b]"
         raise ConfigError(f"config key {key!r}: {reason}{where}") from None
     validate(cfg)
     return cfg

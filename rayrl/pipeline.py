@@ -317,8 +317,13 @@ class Trainer:
                 return batch
             if time.monotonic() - notice > 60:
                 notice = time.monotonic()
+                stats = ray.get(self.roles.buffer.stats.remote())
                 print(f"still waiting for {self.cfg.trainer.groups_per_step} groups after {notice - start:.0f} s; "
-                      f"buffer: {ray.get(self.roles.buffer.stats.remote())}", flush=True)
+                      f"buffer: {stats}", flush=True)
+                if stats["received"] and stats.get("dropped_zero_variance") == stats["received"]:
+                    print(f"every one of the {stats['received']} groups so far had equal rewards (all 0 or all 1) "
+                          "and was dropped (replay.filter_zero_variance=true): is the model untrained "
+                          "(trainer.sft.steps=0), or the task all too hard or too easy for it?", flush=True)
             done, _ = ray.wait(runs, timeout=0)
             if done:
                 ray.get(done)

@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from rayrl.cli import exit_status  # noqa: E402
-from rayrl.config import GRPOConfig, load_recipe  # noqa: E402
+from rayrl.config import ConfigError, GRPOConfig, load_recipe  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,6 +27,9 @@ def expert_args(argv: list[str]) -> list[str]:
             out.append(f"task.name={domain}")
         else:
             out.append(arg)
+    named = [a.split("=", 1)[1] for a in argv if a.startswith("task.name=")]
+    if domain and named and named[-1] != domain:
+        raise ConfigError(f"domain={domain} and task.name={named[-1]} name different domains: give one")
     if domain and not any(a.startswith("run.dir=") for a in argv):
         out.append(f"run.dir=runs/expert_{domain}")
     return out

@@ -141,3 +141,21 @@ def test_a_recipe_with_a_missing_model_stops_before_touching_its_run_directory(t
     assert out.returncode == 2 and "config error: model.path='/no/such/model'" in out.stderr
     assert "Traceback" not in out.stderr and os.listdir(tmp_path) == ["run"]
     assert os.listdir(run_dir) == ["metrics.jsonl"]
+
+
+def test_values_yaml_cannot_read_and_empty_values_name_the_argument():
+    with pytest.raises(ConfigError, match=r"argument 'task.ops=\*': the value is not valid YAML.*\"task.ops='\*'\""):
+        load(GRPOConfig, str(RECIPE_YAML), ["task.ops=*"])
+    assert load(GRPOConfig, str(RECIPE_YAML), ["task.ops='*'"]).task.ops == "*"
+    assert load(GRPOConfig, str(RECIPE_YAML), ["model.path=smollm2", "model.path="]).model.path == ""
+    with pytest.raises(ConfigError, match="'trainer.total_steps'.*on the command line"):
+        load(GRPOConfig, str(RECIPE_YAML), ["trainer.total_steps="])
+
+
+def test_resuming_a_run_of_another_recipe_says_so(tmp_path, capsys):
+    from rayrl.config import load_recipe
+    (tmp_path / "config.json").write_text('{"run": {}, "unify": {}, "distill": {}}')
+    with pytest.raises(SystemExit) as stop:
+        load_recipe(GRPOConfig, str(RECIPE_YAML), [f"run.resume={tmp_path}"])
+    assert stop.value.code == 2
+    assert "has distill, unify settings, which this recipe does not" in capsys.readouterr().err
