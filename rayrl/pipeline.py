@@ -173,6 +173,8 @@ def evaluate_domains(gens: list, tasks: list[dict], eval_cfg) -> dict[str, float
     """Held-out score per domain: the mean reward of `eval_cfg.samples` samples per task, spread
     over the generators. Episodes the infrastructure failed under are left out; a domain left
     with none raises EvaluationError (a score from nothing would bias every mean it enters)."""
+    if not tasks:
+        raise EvaluationError("no held-out task to evaluate on (the environment's held-out set is empty)")
     by_domain: dict[str, list[float]] = {}
     failures: dict[str, list[str]] = {}
     for task, values in zip(tasks, sample_rewards(gens, tasks, eval_cfg.samples, eval_cfg.temperature)):

@@ -81,6 +81,8 @@ def test_a_domain_whose_every_held_out_episode_failed_is_an_error_that_names_it(
             for rewards in ([1.0, "docker: no such image"], [0.0, "docker: no such image"])]
     with pytest.raises(EvaluationError, match=r"all 2 held-out episodes of domain terminal .*no such image"):
         evaluate_domains(gens, tasks, EvalConfig(temperature=1.0, samples=2))
+    with pytest.raises(EvaluationError, match="no held-out task"):   # not a mean of nothing (NaN)
+        evaluate_domains(gens, [], EvalConfig())
 
 
 def test_a_failed_periodic_evaluation_is_logged_and_training_goes_on(capsys):
