@@ -187,3 +187,13 @@ def test_bad_rows_name_the_field(tmp_path):
     bad.write_text('{"task_id": "x"\n')
     with pytest.raises(TaskFormatError, match="t.jsonl:1"):
         load_tasks(bad)
+
+
+def test_bad_corpus_rows_name_the_file_line_and_field(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "a", "title": "A", "text": "x"}\n{"id": "b", "title": 3, "text": "y"}\n')
+    with pytest.raises(TaskFormatError, match="corpus.jsonl:2: field 'title' must be str"):
+        load_corpus(corpus)
+    corpus.write_text('{"id": "a", "title": "A", "text": "x"}\n\n{"id": "a", "title": "B", "text": "y"}\n')
+    with pytest.raises(TaskFormatError, match=r"corpus.jsonl:3: field 'id' 'a' repeats .*corpus.jsonl:1"):
+        load_corpus(corpus)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import random
 from pathlib import Path
 
@@ -105,7 +104,7 @@ def oracle_actions(row: dict) -> list[Action]:
 
 
 def load_facts(path: str | Path = FACTS) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(path, lambda row, where: row)
 
 
 def _templates(fact: dict, difficulty: int) -> list[tuple[str, list[str], str]]:

@@ -10,13 +10,13 @@ are not returned.
 from __future__ import annotations
 
 import functools
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from envs.rows import TaskFormatError, check_fields, read_jsonl
 from rayrl.rollout.scaffolds import Action, Tool
 
 CORPUS = Path(__file__).with_name("corpus.jsonl")
@@ -39,23 +39,15 @@ class Doc:
 
 
 def load_corpus(path: str | Path = CORPUS) -> list[Doc]:
-    docs, seen = [], set()
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not JSON ({err.msg})") from None
-        for key in ("id", "title", "text"):
-            if not isinstance(row.get(key) if isinstance(row, dict) else None, str):
-                raise ValueError(f"{where}: field {key!r} is missing or not a string")
+    seen: dict[str, str] = {}
+
+    def doc(row, where: str) -> Doc:
+        check_fields(row, where, {"id": str, "title": str, "text": str})
         if row["id"] in seen:
-            raise ValueError(f"{where}: field 'id' repeats {row['id']!r}")
-        seen.add(row["id"])
-        docs.append(Doc(row["id"], row["title"], row["text"]))
-    return docs
+            raise TaskFormatError(f"{where}: field 'id' {row['id']!r} repeats {seen[row['id']]}")
+        seen[row["id"]] = where
+        return Doc(row["id"], row["title"], row["text"])
+    return read_jsonl(path, doc)
 
 
 class BM25:
