@@ -690,9 +690,49 @@ def load_recipe(schema: type, yaml_path: str | list[str], argv: list[str]):
     if len(overrides) < len(argv):
         doc = (sys.modules["__main__"].__doc__ or "").strip()
         print(f"{doc}\n\nThe config this command runs with ({', '.join(yaml_paths)}, then the arguments); "
-              f"any key can be set as key=value:\n\n{OmegaConf.to_yaml(to_dict(cfg))}", end="")
+              f"any key can be set as key=value:\n\n{commented_yaml(cfg)}", end="")
         raise SystemExit(0)
     return cfg
+
+
+def field_comments(schema: type, prefix: str = "") -> dict[str, str]:
+    """{dotted key: the comment on its line in the dataclass source, or else the comment lines just
+    above it} for `schema` and the dataclasses in its fields: what `--help` says about each key."""
+    import dataclasses
+    import inspect
+    import io
+    import tokenize
+    import typing
+    comments, line_comment = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(schema)).readline):
+        if tok.type == tokenize.COMMENT:
+            line_comment[tok.start[0]] = tok.string.lstrip("# ")
+    source = inspect.getsource(schema).splitlines()
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key = prefix + f.name
+        line = next((n for n, text in enumerate(source, 1) if text.strip().startswith(f"{f.name}:")), None)
+        above = []
+        while line and source[line - 2 - len(above)].strip().startswith("#"):
+            above.insert(0, source[line - 2 - len(above)].strip().lstrip("# "))
+        if line in line_comment or above:
+            comments[key] = line_comment.get(line) or " ".join(above)
+        if dataclasses.is_dataclass(hints.get(f.name)):
+            comments.update(field_comments(hints[f.name], key + "."))
+    return comments
+
+
+def commented_yaml(cfg) -> str:
+    """The config as YAML, each key with its comment from the dataclass source."""
+    comments, path, out = field_comments(type(cfg)), [], []
+    for line in OmegaConf.to_yaml(to_dict(cfg)).splitlines():
+        name = line.lstrip(" ").split(":", 1)[0]
+        if ":" in line and not line.lstrip().startswith("-") and name.isidentifier():
+            path = path[:(len(line) - len(line.lstrip(" "))) // 2] + [name]
+            comment = comments.get(".".join(path))
+            line += f"  # {comment}" if comment else ""
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def _parse_override(arg: str):

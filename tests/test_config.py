@@ -102,6 +102,9 @@ def test_recipe_help_prints_its_docstring_and_the_config_it_would_run_with():
     config = yaml.safe_load(out.stdout.split("any key can be set as key=value:", 1)[1])
     assert (config["task"]["name"], config["trainer"]["total_steps"], config["run"]["dir"]) == \
         ("swe", 7, "runs/expert_swe")
+    # each key with what the config's source says of it, inline or just above
+    assert re.search(r"\n  groups_per_step: \d+  # prompt groups per learner update\n", out.stdout)
+    assert re.search(r"\n  easy_share: [\d.]+  # arith: share of drawn tasks with one-digit operands", out.stdout)
     bad = subprocess.run([sys.executable, recipe, "-h", "trainer.totl_steps=3"], capture_output=True, text=True,
                          cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "trainer.totl_steps" in bad.stderr
