@@ -15,13 +15,15 @@ Last line: one JSON object with `speedup` (async over sync trained samples/s) an
 import json
 import os
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._args import parse, scratch_dir  # noqa: E402
+from rayrl.cli import exit_status  # noqa: E402
 from rayrl.config import GRPOConfig, load  # noqa: E402
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "grpo.yaml")
+DEFAULTS = {"steps": 12, "staleness": 4, "latency": "lognormal:0.3:1.0:6"}
 
 
 def measure(max_staleness: int, steps: int, latency: str, run_dir: str) -> dict:
@@ -36,10 +38,9 @@ def measure(max_staleness: int, steps: int, latency: str, run_dir: str) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    args = dict(a.split("=", 1) for a in argv)
-    steps, staleness = int(args.get("steps", 12)), int(args.get("staleness", 4))
-    latency = args.get("latency", "lognormal:0.3:1.0:6")
-    with tempfile.TemporaryDirectory() as tmp:
+    args = parse(argv, __doc__, DEFAULTS)
+    steps, staleness, latency = args["steps"], args["staleness"], args["latency"]
+    with scratch_dir("async_vs_sync") as tmp:
         sync = measure(0, steps, latency, os.path.join(tmp, "sync"))
         asyn = measure(staleness, steps, latency, os.path.join(tmp, "async"))
     speedup = asyn["samples_per_s"] / sync["samples_per_s"]
@@ -58,4 +59,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(exit_status(main, sys.argv[1:]))

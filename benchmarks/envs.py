@@ -19,7 +19,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._args import parse  # noqa: E402
+from rayrl.cli import exit_status  # noqa: E402
 from rayrl.config import GRPOConfig  # noqa: E402
+
+DEFAULTS = {"episodes": 24, "concurrency": 8}
 
 
 async def make_envs(pool) -> dict:
@@ -88,8 +92,8 @@ async def measure(episodes: int, concurrency: int) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    args = dict(a.split("=", 1) for a in argv)
-    episodes, concurrency = int(args.get("episodes", 24)), int(args.get("concurrency", 8))
+    args = parse(argv, __doc__, DEFAULTS)
+    episodes, concurrency = args["episodes"], args["concurrency"]
     results = asyncio.run(measure(episodes, concurrency))
     print(f"\n{'domain':<10}{'sequential eps/s':>18}{f'{concurrency} in flight eps/s':>20}{'speedup':>9}{'oracle reward':>15}")
     for name, r in results.items():
@@ -99,4 +103,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(exit_status(main, sys.argv[1:]))

@@ -24,18 +24,22 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._args import parse  # noqa: E402
+from rayrl.cli import exit_status  # noqa: E402
+
 KS = (1, 2, 4, 8)
+DEFAULTS = {"noise": 1.0, "sft_steps": 300, "samples": 256}
 
 
 def main(argv: list[str]) -> None:
+    args = parse(argv, __doc__, DEFAULTS)
+    noise, sft_steps, n = args["noise"], args["sft_steps"], args["samples"]
     import torch
 
     from rayrl.config import TinyModelConfig
     from rayrl.mcla import measure, warm_start
     from rayrl.models import build_tiny_model
     torch.set_num_threads(1)
-    args = dict(a.split("=", 1) for a in argv)
-    noise, sft_steps, n = float(args.get("noise", 1.0)), int(args.get("sft_steps", 300)), int(args.get("samples", 256))
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         moe = build_tiny_model(os.path.join(tmp, "moe"), TinyModelConfig(family="qwen3_moe", router_noise=noise))
@@ -68,4 +72,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(exit_status(main, sys.argv[1:]))

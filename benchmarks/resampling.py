@@ -40,11 +40,12 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._args import parse, scratch_dir  # noqa: E402
+from rayrl.cli import exit_status  # noqa: E402
 from rayrl.config import GRPOConfig, load  # noqa: E402
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "grpo.yaml")
@@ -53,10 +54,7 @@ ARMS = {"vanilla": ["replay.filter_zero_variance=false", "replay.resampling=none
         "hr": ["replay.filter_zero_variance=false", "replay.resampling=history"]}
 OUTCOMES = ("all_correct", "all_wrong", "mixed")
 NAMES = {"vanilla": "vanilla GRPO", "dynamic": "dynamic sampling (DAPO)", "hr": "History Resampling (SRPO)"}
-
-
-DEFAULTS = {"steps": "60", "target": "0.8", "prompts": "128", "eval_every": "2", "seeds": "1", "warm": "",
-            "arms": ",".join(ARMS)}
+DEFAULTS = {"steps": 60, "target": 0.8, "prompts": 128, "eval_every": 2, "seeds": 1, "warm": "", "arms": tuple(ARMS)}
 STEPS = ("steps_to_target", "groups_to_target", "first_drop_step")   # None: never
 
 
@@ -106,14 +104,12 @@ def combine(runs: list[dict]) -> dict:
 
 
 def main(argv: list[str]) -> None:
+    args = parse(argv, __doc__, DEFAULTS, choices={"arms": ARMS}, config="a key of recipes/grpo.yaml, for every run")
+    config_args = args["config"]
+    load(GRPOConfig, RECIPE, config_args)   # an unknown key or a bad value: one line, before any work
     from rayrl.pipeline import run
-    config_args = [a for a in argv if "." in a.split("=", 1)[0]]   # config keys, for every run
-    args = {**DEFAULTS, **dict(a.split("=", 1) for a in argv if a not in config_args)}
-    args = {"steps": int(args["steps"]), "target": float(args["target"]), "prompts": int(args["prompts"]),
-            "eval_every": int(args["eval_every"]), "seeds": int(args["seeds"]), "warm": args["warm"],
-            "arms": args["arms"].split(","), "config": config_args}
     start = time.time()
-    with tempfile.TemporaryDirectory() as tmp:
+    with scratch_dir("resampling") as tmp:
         # The warm start trains no RL step: it has no prompt set to curate.
         warm = args["warm"] or run(config(os.path.join(tmp, "warm"), [*config_args, "trainer.total_steps=0",
                                                                       "replay.curate_samples=0"]))["checkpoint"]
@@ -159,4 +155,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(exit_status(main, sys.argv[1:]))

@@ -22,7 +22,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._args import parse  # noqa: E402
+from rayrl.cli import exit_status  # noqa: E402
 from rayrl.sandbox.base import Profile  # noqa: E402
+
+DEFAULTS = {"seconds": 5.0, "live": 1000, "concurrency": 4}
+
 
 async def raw_bwrap_per_s(seconds: float, concurrency: int) -> float:
     """A fresh bwrap per command, with the same isolation as a pooled sandbox (no agent, no reuse)."""
@@ -144,9 +149,8 @@ async def docker_start_ms(samples: int = 10) -> float | None:
 
 
 def main(argv: list[str]) -> None:
-    args = dict(a.split("=", 1) for a in argv)
-    seconds, live_n = float(args.get("seconds", 5)), int(args.get("live", 1000))
-    concurrency = int(args.get("concurrency", 4))
+    args = parse(argv, __doc__, DEFAULTS)
+    seconds, live_n, concurrency = args["seconds"], args["live"], args["concurrency"]
     raw = asyncio.run(raw_bwrap_per_s(seconds, concurrency))
     pool = pool_figures(seconds, concurrency)
     live = asyncio.run(live_figures(live_n))
@@ -173,4 +177,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(exit_status(main, sys.argv[1:]))

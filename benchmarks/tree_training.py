@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 
@@ -35,10 +36,14 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from rayrl.algo.tree_pack import pack_paths
-from rayrl.config import LearnerConfig
-from rayrl.learner.worker import LearnerWorker
-from rayrl.tree import NOT_SAMPLED, TrajectoryTree
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # for benchmarks._args
+
+from benchmarks._args import parse  # noqa: E402
+from rayrl.algo.tree_pack import pack_paths  # noqa: E402
+from rayrl.cli import exit_status  # noqa: E402
+from rayrl.config import LearnerConfig  # noqa: E402
+from rayrl.learner.worker import LearnerWorker  # noqa: E402
+from rayrl.tree import NOT_SAMPLED, TrajectoryTree  # noqa: E402
 
 SEED = 0
 VOCAB = 4096
@@ -128,7 +133,8 @@ def step(w: LearnerWorker, paths, memory: bool = False) -> int:
     return peak
 
 
-def main(quick: bool = False):
+def main(argv: list[str]) -> None:
+    quick = parse(argv, __doc__, {}, flags={"--quick": "best of 2 timed steps instead of 4"})["quick"]
     torch.set_num_threads(1)   # one core, timed by its CPU time: the figures do not depend on other load
     torch.manual_seed(SEED)
     config = LlamaConfig(**MODEL)
@@ -191,4 +197,4 @@ def main(quick: bool = False):
 
 
 if __name__ == "__main__":
-    main(quick="--quick" in sys.argv)
+    sys.exit(exit_status(main, sys.argv[1:]))

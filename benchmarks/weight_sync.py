@@ -75,15 +75,20 @@ def model_bytes(trainer: Trainer) -> int:
     return sum(a.nbytes for a in ray.get(ref).values())
 
 
+def generator_counts(text: str) -> list[int]:
+    """`1,2,4` as [1, 2, 4]; a ValueError is argparse's one-line error naming --generators."""
+    return [int(n) for n in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--generators", default="1,2,4", help="generator counts to publish to")
+    parser.add_argument("--generators", type=generator_counts, default="1,2,4", help="generator counts to publish to")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured rounds to every receiver first")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     args = parser.parse_args()
-    counts = [int(n) for n in args.generators.split(",")]
+    counts = args.generators
 
     cfg = load(GRPOConfig, None, [
         f"model.tiny.hidden_size={args.hidden}", f"model.tiny.num_layers={args.layers}",
