@@ -91,6 +91,76 @@ async def test_the_pass_token_cannot_be_forged_from_inside(pool, hack):
     assert reward == 0.0 and info["failure"] is not None, info
 
 
+# Tolerance asserts in the HumanEval style; the first case is right for a candidate returning 0.0, and a
+# trailing assert True is what a tracer skipping the candidate's lines leaves.
+FLOAT = CodeTask("t/fadd", "function", 'def fadd(a, b):\n    """a + b"""\n', entry_point="fadd",
+                 test="def check(candidate):\n    assert abs(candidate(0.0, 0.0)) < 1e-9\n"
+                      "    assert abs(candidate(1.0, 2.0) - 3.0) < 1e-9\n"
+                      "    assert abs(candidate(-1.5, 0.5) + 1.0) < 1e-9\n    assert True\n")
+_ZERO_ABS = "lambda x: 0.0"
+_SKIP_CANDIDATE_LINES = """import sys, linecache
+def _skip(frame, event, arg):
+    if event == "line":
+        line = frame.f_lineno
+        while "candidate(" in linecache.getline(frame.f_code.co_filename, line):
+            line += 1
+        if line != frame.f_lineno:
+            frame.f_lineno = line
+    return _skip
+"""
+_EVERY_FRAME = "    f = sys._getframe(1)\n    while f:\n        {}\n        f = f.f_back\n"
+
+
+# Completions that pass without solving the task by fooling check() where it runs: a result equal to
+# anything (or a plain type's subclass redefining what the asserts use), patched builtins or test globals
+# (at the program's top level or from inside the call, through every frame), a tracer skipping the lines
+# that call the candidate.
+@pytest.mark.parametrize("task,hack", [
+    (FN, "    return _Eq()\nclass _Eq:\n    def __eq__(self, other):\n        return True\n"),
+    (FN, "    return _Int(0)\nclass _Int(int):\n    def __eq__(self, other):\n        return True\n"
+         "    __hash__ = int.__hash__\n"),
+    (FLOAT, "    return _Float(0.0)\nclass _Float(float):\n    def __sub__(self, other):\n        return 0.0\n"
+            "    __add__ = __sub__\n"),
+    (FLOAT, f"    return 0.0\nimport builtins\nbuiltins.abs = {_ZERO_ABS}\n"),
+    (FLOAT, "    return 0.0\ndef abs(x):\n    return 0.0\n"),    # a global of the program shadowing the builtin
+    (FLOAT, f"    import builtins\n    builtins.abs = {_ZERO_ABS}\n    return 0.0\n"),
+    (FLOAT, "    import sys\n" + _EVERY_FRAME.format(f'f.f_globals["abs"] = {_ZERO_ABS}') + "    return 0.0\n"),
+    (FLOAT, "    return 0.0\n" + _SKIP_CANDIDATE_LINES + "sys.settrace(_skip)\n"),
+    (FLOAT, "    sys.settrace(_skip)\n" + _EVERY_FRAME.format("f.f_trace = _skip") + "    return 0.0\n"
+            + _SKIP_CANDIDATE_LINES),
+], ids=["always_equal", "int_subclass_eq", "float_subclass_arithmetic", "builtins_at_exec", "global_shadowing_builtin",
+        "builtins_in_call", "frame_globals_in_call", "settrace_at_exec", "settrace_in_call"])
+async def test_the_check_cannot_be_fooled_from_inside(pool, task, hack):
+    reward, info = await grade_completion(pool, task, hack)
+    assert reward == 0.0 and info["failure"] is not None, info
+    if "class _" in hack:
+        assert "not plain data" in info["detail"], info
+
+
+POINT = CodeTask("t/point", "function", "from collections import namedtuple\nPoint = namedtuple('Point', 'x y')\n"
+                 "def point(x, y):\n", entry_point="point",
+                 test="def check(candidate):\n    assert candidate(1, 2) == Point(1, 2) == (1, 2)\n"
+                      "    assert candidate(1, 2).y == 2\n")
+NEST = CodeTask("t/nest", "function", "def nest(n):\n", entry_point="nest",
+                test="def check(candidate):\n    assert candidate(2) == {'a': [0, 1, {'b': (2, None)}], 1.5: {3}}\n")
+SCALE = CodeTask("t/scale", "function", 'def scale(f, xs):\n    """xs[i] = f(xs[i]) in place"""\n', entry_point="scale",
+                 test="def check(candidate):\n    xs = [1, 2]\n    assert candidate(lambda v: v * 10, xs) is None\n"
+                      "    assert xs == [10, 20]\n")
+
+
+@pytest.mark.parametrize("task,completion", [
+    (POINT, "    return Point(x, y)\n"),
+    (NEST, "    row = [0, 1, {'b': (n, None)}]\n    return {'a': row, 1.5: {n + 1}}\n"),
+    (FLOAT, "    return a + b\n"),
+    (SCALE, "    xs[:] = map(f, xs)\n"),          # returns None; the test's callable and list go in as they are
+    (FN, "    return sum([a, b])\ndef sum(xs):\n    total = 0\n    for x in xs:\n        total += x\n"
+         "    return total\n"),
+], ids=["namedtuple", "nested", "float", "none_mutating_its_argument", "own_global_shadowing_a_builtin"])
+async def test_honest_results_of_any_plain_shape_pass(pool, task, completion):
+    reward, info = await grade_completion(pool, task, completion)
+    assert reward == 1.0, info
+
+
 async def test_stdio_output_is_whitespace_normalized_and_counts_passed_tests(pool):
     reward, info = await grade_completion(pool, IO, "print('  ' + str(sum(map(int, input().split()))) + '  \\n\\n')")
     assert reward == 1.0 and info["passed"] == 2
