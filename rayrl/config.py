@@ -735,6 +735,21 @@ def commented_yaml(cfg) -> str:
     return "\n".join(out) + "\n"
 
 
+def _check_new_list_key(merged, key: str) -> None:
+    """A key in a list element that is not there yet: fine as a new entry of a plain dict (a
+    stage's `domains`), else an error with the keys that are there."""
+    parent, name = key.rsplit(".", 1) if "." in key else ("", key)
+    node = OmegaConf.select(merged, parent, default=None) if parent else merged
+    if node is not None and hasattr(node, "keys") and OmegaConf.get_type(node) is dict:
+        return
+    if node is None or not hasattr(node, "keys"):
+        raise ConfigError(f"config key {key!r}: no such key or list element")
+    import difflib
+    close = difflib.get_close_matches(name, [str(k) for k in node.keys()], n=1)
+    raise ConfigError(f"config key {key!r}: {parent} has no key {name!r}"
+                      + (f". Did you mean: {close[0]!r}?" if close else f" (it has {', '.join(map(str, node.keys()))})"))
+
+
 def _parse_override(arg: str):
     """`key=value` as a one-key config; the value is YAML (`key=` is the empty string)."""
     import yaml
@@ -766,10 +781,14 @@ def load(schema: type, yaml_path: str | list[str] | None = None, argv: list[str]
                 in_lists.append((key, parsed))
             else:
                 layers.append(parsed)
-        merged = OmegaConf.merge(base, *layers)
+        try:
+            merged = OmegaConf.merge(base, *layers)
+        except TypeError:   # a dotted key into a list without a number (srpo.stages.x.steps)
+            raise ConfigError(f"{' '.join(argv or [])}: a list's elements are set by number, e.g. "
+                              "srpo.stages.0.steps=30") from None
         for key, parsed in in_lists:
             if OmegaConf.select(merged, key, default=_MISSING) is _MISSING:
-                raise ConfigError(f"config key {key!r}: no such key or list element")
+                _check_new_list_key(merged, key)
             OmegaConf.update(merged, key, OmegaConf.select(parsed, key), merge=True)
         OmegaConf.resolve(merged)
         cfg = OmegaConf.to_object(merged)

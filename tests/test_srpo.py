@@ -71,9 +71,11 @@ def test_a_failed_stage_evaluation_scores_nothing_and_the_stage_still_ends_by_st
 
 
 def test_stage_list_elements_can_be_overridden():
-    cfg = load(SRPOConfig, YAML, ["srpo.stages.0.steps=7", "srpo.stages.1.domains.code=0.5"])
+    cfg = load(SRPOConfig, YAML, ["srpo.stages.0.steps=7", "srpo.stages.1.domains.code=0.5",
+                                  "srpo.stages.0.domains.code=0.25"])   # a domain the stage did not have
     assert cfg.srpo.stages[0].steps == 7
     assert cfg.srpo.stages[1].domains == {"math": 0.75, "code": 0.5}
+    assert cfg.srpo.stages[0].domains == {"math": 1.0, "code": 0.25}
     assert cfg.replay.resampling == "history" and cfg.replay.prompts > 0
 
 
@@ -83,6 +85,8 @@ def test_stage_list_elements_can_be_overridden():
     (["replay.prompts=0"], "replay.prompts"),
     (["srpo.eval_every=0"], "srpo.stages.0.plateau_patience"),
     (["srpo.stages.0.steps=0"], "srpo.stages.0"),
+    (["srpo.stages.0.stepz=3"], "srpo.stages.0 has no key 'stepz'. Did you mean: 'steps'?"),
+    (["srpo.stages.x.steps=3"], "a list's elements are set by number"),
 ])
 def test_bad_schedules_fail_naming_the_key(args, key):
     with pytest.raises(ConfigError) as err:
