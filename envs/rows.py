@@ -4,8 +4,9 @@ hash split between training and held-out tasks."""
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
+
+from rayrl.rollout.scaffolds import parse_json
 
 
 class TaskFormatError(ValueError):
@@ -37,13 +38,26 @@ def jsonl_rows(path: str | Path):
             raise TaskFormatError(f"{path}:{n}: not UTF-8 (byte {err.start}: {raw[err.start:err.end]!r})") from None
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskFormatError(f"{path}:{n}: not JSON ({err.msg} at column {err.colno})") from None
-        except (ValueError, RecursionError) as err:   # an integer past Python's digit limit, nesting too deep
-            raise TaskFormatError(f"{path}:{n}: not JSON ({err})") from None
+        row, error = parse_json(line)
+        if error:
+            raise TaskFormatError(f"{path}:{n}: not JSON ({error})")
         yield n, row
+
+
+def unique_ids(parse_row, field: str, id_of):
+    """`parse_row` for `read_jsonl` that refuses a row whose id (`id_of` its parsed value) an
+    earlier line had, naming both lines."""
+    seen: dict[str, str] = {}
+
+    def checked(row, where: str):
+        item = parse_row(row, where)
+        key = id_of(item)
+        if key in seen:
+            raise TaskFormatError(f"{where}: field {field!r} {key!r} repeats {seen[key]}")
+        seen[key] = where
+        return item
+
+    return checked
 
 
 def read_jsonl(path: str | Path, parse_row) -> list:

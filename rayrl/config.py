@@ -398,6 +398,15 @@ def _get(cfg, dotted: str):
     return cfg
 
 
+def _present(cfg, table: dict):
+    """(key, rule, value) for each key of `table` that this config has (a schema may lack some)."""
+    for key, rule in table.items():
+        try:
+            yield key, rule, _get(cfg, key)
+        except AttributeError:
+            continue
+
+
 def _check_domains(key: str, names) -> None:
     unknown = [n for n in names if n not in DOMAIN_NAMES]
     if unknown or not names:
@@ -607,27 +616,15 @@ def validate(cfg) -> None:
             if name not in cfg.unify.domains:
                 raise ConfigError(f"unify.experts.{name}: {name} is not in unify.domains={list(cfg.unify.domains)!r}, "
                                   "so its expert would never be used")
-    for key, choices in _CHOICES.items():
-        try:
-            value = _get(cfg, key)
-        except AttributeError:
-            continue
+    for key, choices, value in _present(cfg, _CHOICES):
         if value not in choices:
             raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
-    for key, low in _MINIMUM.items():
-        try:
-            value = _get(cfg, key)
-        except AttributeError:
-            continue
+    for key, low, value in _present(cfg, _MINIMUM):
         if not math.isfinite(value):   # NaN would pass any comparison below
             raise ConfigError(f"{key}={value!r} must be a finite number")
         if value < low:
             raise ConfigError(f"{key}={value!r} must be >= {low}")
-    for key, (low, high, closed) in _SHARES.items():
-        try:
-            value = _get(cfg, key)
-        except AttributeError:
-            continue
+    for key, (low, high, closed), value in _present(cfg, _SHARES):
         if not (low <= value <= high if closed else low < value < high):
             raise ConfigError(f"{key}={value!r} must be in {'[' if closed else '('}{low:g}, {high:g}{']' if closed else ')'}")
     try:
@@ -703,11 +700,12 @@ def field_comments(schema: type, prefix: str = "") -> dict[str, str]:
     import io
     import tokenize
     import typing
+    text = inspect.getsource(schema)
     comments, line_comment = {}, {}
-    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(schema)).readline):
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
         if tok.type == tokenize.COMMENT:
             line_comment[tok.start[0]] = tok.string.lstrip("# ")
-    source = inspect.getsource(schema).splitlines()
+    source = text.splitlines()
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
         key = prefix + f.name

@@ -110,7 +110,7 @@ def check_resources(cfg, copies: int = 1, copies_key: str = "") -> None:
         offered = {name: v for name, v in (nodes[0] if nodes else {}).items()
                    if name not in ("memory", "object_store_memory") and not name.startswith("node:")}
         raise ConfigError(f"{message}. This local Ray instance offers {offered}: lower these settings, "
-                           "or run on a cluster whose nodes offer them")
+                          "or run on a cluster whose nodes offer them")
     print(f"{message} yet: these roles wait until such nodes join", flush=True)
 
 

@@ -29,7 +29,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from envs.rows import TaskFormatError, read_jsonl
+from envs.rows import TaskFormatError, read_jsonl, unique_ids
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_REPO = Path(__file__).resolve().parent / "sample_repo"
@@ -126,25 +126,12 @@ def load_tasks(path: str | os.PathLike) -> list[SWETask]:
     """Read and validate a tasks JSONL file (blank lines are skipped; ids must be unique, repos must exist)."""
     def parse(row, where: str) -> SWETask:
         task = task_from_row(row, where)
-        if not resolve_repo(task.repo).is_dir():
-            raise TaskFormatError(f"{where}: field 'repo': {str(resolve_repo(task.repo))!r} is not a directory")
+        repo = resolve_repo(task.repo)
+        if not repo.is_dir():
+            raise TaskFormatError(f"{where}: field 'repo': {str(repo)!r} is not a directory")
         return task
 
-    return read_jsonl(path, _unique(parse, lambda task: task.instance_id))
-
-
-def _unique(parse, id_of):
-    """`parse` for `read_jsonl`, refusing an instance id that an earlier line had."""
-    seen: dict[str, str] = {}
-
-    def checked(row, where: str):
-        item = parse(row, where)
-        if id_of(item) in seen:
-            raise TaskFormatError(f"{where}: field 'instance_id' {id_of(item)!r} repeats {seen[id_of(item)]}")
-        seen[id_of(item)] = where
-        return item
-
-    return checked
+    return read_jsonl(path, unique_ids(parse, "instance_id", lambda task: task.instance_id))
 
 
 def write_tasks(path: str | os.PathLike, tasks: list[SWETask]) -> None:
@@ -168,7 +155,7 @@ def _prediction(row, where: str) -> tuple[str, str]:
 
 def load_predictions(path: str | os.PathLike) -> dict[str, str]:
     """Predictions JSONL: rows with `instance_id` and `model_patch` (null counts as empty); ids must be unique."""
-    return dict(read_jsonl(path, _unique(_prediction, lambda pred: pred[0])))
+    return dict(read_jsonl(path, unique_ids(_prediction, "instance_id", lambda pred: pred[0])))
 
 
 # -- repository state ----------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from envs.rows import TaskFormatError, check_fields, read_jsonl
+from envs.rows import check_fields, read_jsonl, unique_ids
 from rayrl.rollout.scaffolds import Action, Tool
 
 CORPUS = Path(__file__).with_name("corpus.jsonl")
@@ -39,15 +39,10 @@ class Doc:
 
 
 def load_corpus(path: str | Path = CORPUS) -> list[Doc]:
-    seen: dict[str, str] = {}
-
     def doc(row, where: str) -> Doc:
         check_fields(row, where, {"id": str, "title": str, "text": str})
-        if row["id"] in seen:
-            raise TaskFormatError(f"{where}: field 'id' {row['id']!r} repeats {seen[row['id']]}")
-        seen[row["id"]] = where
         return Doc(row["id"], row["title"], row["text"])
-    return read_jsonl(path, doc)
+    return read_jsonl(path, unique_ids(doc, "id", lambda d: d.id))
 
 
 class BM25:

@@ -52,7 +52,7 @@ def parse_json(text: str):
     try:
         return json.loads(text), None
     except json.JSONDecodeError as err:
-        return None, err.msg
+        return None, f"{err.msg} at column {err.colno}"
     except RecursionError:
         return None, "nested too deeply"
     except ValueError as err:
