@@ -44,6 +44,7 @@ async def test_every_sample_oracle_scores_one(pool):
     (FN, "    return int(input())\n", "runtime_error"),          # stdin is empty: EOFError
     (FN, "    pass\nimport sys\nsys.exit(0)\n", "runtime_error"),  # exits before the tests: never a pass
     (FN, "    pass\nimport os\nos._exit(0)\n", "runtime_error"),
+    (FN, "    x = bytearray(1 << 30)\n    return a + b\n", "memory_limit"),
     (IO, "print(3)\n", "wrong_answer"),
     (IO, "print(sum(map(int, input().split()))\n", "syntax_error"),
     (IO, "import sys\nwhile True:\n    sys.stdin.readline()\n", "timeout"),   # reads stdin forever
@@ -109,6 +110,35 @@ def _skip(frame, event, arg):
     return _skip
 """
 _EVERY_FRAME = "    f = sys._getframe(1)\n    while f:\n        {}\n        f = f.f_back\n"
+ISCLOSE = CodeTask("t/fsum", "function", 'import math\ndef fsum(a, b):\n    """a + b"""\n', entry_point="fsum",
+                   test="def check(candidate):\n    assert math.isclose(candidate(0.25, 0.5), 0.75)\n"
+                        "    assert math.isclose(candidate(1.0, 2.0), 3.0)\n")
+CASES = CodeTask("t/mul", "function", "def mul(a, b):\n", entry_point="mul",
+                 test="def check(candidate):\n    cases = [(0, 5, 0), (2, 3, 6), (4, 4, 16)]\n"
+                      "    for a, b, want in cases:\n        assert candidate(a, b) == want\n")
+# a thread of the program's that keeps isclose patched while the check runs
+_PATCH_FOREVER = """import math, threading
+def _patch():
+    while True:
+        math.isclose = lambda *a, **k: True
+threading.Thread(target=_patch, daemon=True).start()
+"""
+# the test's expected values, wherever the program can read them: the files around it, every process's memory
+_READ_EXPECTED = """import os, re
+_EXPECTED, _TEXT = {}, b""
+for _root in (".", "/tmp", os.path.expanduser("~")):
+    for _dir, _, _files in os.walk(_root):
+        for _name in _files:
+            try:
+                with open(os.path.join(_dir, _name), "rb") as _f:
+                    _TEXT += _f.read(1 << 20)
+            except OSError:
+                pass
+""" + _MEMORY.replace("_found +=", "_TEXT +=").replace("re.findall(rb'(?<![0-9a-f])([0-9a-f]{32})\\n', mem.read(hi - lo))",
+                                                       "mem.read(hi - lo)") + """
+for _m in re.finditer(rb"candidate\\((-?\\d+), (-?\\d+)\\) == (-?\\d+)", _TEXT):
+    _EXPECTED[int(_m[1]), int(_m[2])] = int(_m[3])
+"""
 
 
 # Completions that pass without solving the task by fooling check() where it runs: a result equal to
@@ -128,13 +158,24 @@ _EVERY_FRAME = "    f = sys._getframe(1)\n    while f:\n        {}\n        f = 
     (FLOAT, "    return 0.0\n" + _SKIP_CANDIDATE_LINES + "sys.settrace(_skip)\n"),
     (FLOAT, "    sys.settrace(_skip)\n" + _EVERY_FRAME.format("f.f_trace = _skip") + "    return 0.0\n"
             + _SKIP_CANDIDATE_LINES),
+    (ISCLOSE, "    return 0.0\nimport math\nmath.isclose = lambda *a, **k: True\n"),   # a module the test uses
+    (ISCLOSE, "    return 0.0\n" + _PATCH_FOREVER),
+    (CASES, "    import sys\n" + _EVERY_FRAME.format("if 'want' in f.f_locals:\n            return f.f_locals['want']")
+            + "    return 0\n"),
+    (CASES, "    import sys\n" + _EVERY_FRAME.format("if 'cases' in f.f_locals:\n            f.f_locals['cases'][:] = []")
+            + "    return 0\n"),
+    (FN, "    return _EXPECTED.get((a, b))\n" + _READ_EXPECTED),
 ], ids=["always_equal", "int_subclass_eq", "float_subclass_arithmetic", "builtins_at_exec", "global_shadowing_builtin",
-        "builtins_in_call", "frame_globals_in_call", "settrace_at_exec", "settrace_in_call"])
+        "builtins_in_call", "frame_globals_in_call", "settrace_at_exec", "settrace_in_call", "patch_another_module",
+        "thread_patching_during_the_check", "expected_value_from_the_callers_frame", "cases_emptied_through_frames",
+        "expected_values_read_from_disk_or_memory"])
 async def test_the_check_cannot_be_fooled_from_inside(pool, task, hack):
     reward, info = await grade_completion(pool, task, hack)
     assert reward == 0.0 and info["failure"] is not None, info
-    if "class _" in hack:
+    if "class _Eq" in hack:
         assert "not plain data" in info["detail"], info
+    elif "class _" in hack:   # a subclass of a plain type crosses to the check as its base's value
+        assert info["failure"] == "wrong_answer", info
 
 
 POINT = CodeTask("t/point", "function", "from collections import namedtuple\nPoint = namedtuple('Point', 'x y')\n"
@@ -148,6 +189,22 @@ SCALE = CodeTask("t/scale", "function", 'def scale(f, xs):\n    """xs[i] = f(xs[
                       "    assert xs == [10, 20]\n")
 
 
+HISTOGRAM = CodeTask("t/hist", "function", "def hist(s):\n", entry_point="hist",
+                     test="def check(candidate):\n    assert candidate('abca') == {'a': 2, 'b': 1, 'c': 1}\n")
+COLOR = CodeTask("t/color", "function", "from enum import IntEnum\nclass Color(IntEnum):\n    RED = 1\n\n"
+                 "def color(x):\n", entry_point="color", test="def check(candidate):\n    assert candidate(1) == 1\n")
+ROOT = CodeTask("t/root", "function", "def root(n):\n", entry_point="root",
+                test="def check(candidate):\n    try:\n        candidate(-1)\n    except ValueError:\n        pass\n"
+                     "    else:\n        assert False\n    assert candidate(16) == 4\n")
+DECODE = CodeTask("t/decode", "function", 'def encode(s):\n    return s[::-1]\n\n\ndef decode(s):\n    """encode\'s inverse"""\n',
+                  entry_point="decode", test="def check(candidate):\n    assert candidate(encode('abc')) == 'abc'\n")
+POWER = CodeTask("t/power", "function", "def power(a, b):\n", entry_point="power",
+                 test="def check(candidate):\n    assert candidate(3, 9000) == 3 ** 9000\n"
+                      "    assert candidate(b=3, a=2) == 8\n    assert candidate(-0.0, 1) == 0\n")
+OPAQUE = CodeTask("t/opaque", "function", "def f(x):\n", entry_point="f",
+                  test="def check(candidate):\n    assert candidate(object()) == 1\n")
+
+
 @pytest.mark.parametrize("task,completion", [
     (POINT, "    return Point(x, y)\n"),
     (NEST, "    row = [0, 1, {'b': (n, None)}]\n    return {'a': row, 1.5: {n + 1}}\n"),
@@ -155,10 +212,29 @@ SCALE = CodeTask("t/scale", "function", 'def scale(f, xs):\n    """xs[i] = f(xs[
     (SCALE, "    xs[:] = map(f, xs)\n"),          # returns None; the test's callable and list go in as they are
     (FN, "    return sum([a, b])\ndef sum(xs):\n    total = 0\n    for x in xs:\n        total += x\n"
          "    return total\n"),
-], ids=["namedtuple", "nested", "float", "none_mutating_its_argument", "own_global_shadowing_a_builtin"])
+    (HISTOGRAM, "    from collections import Counter\n    return Counter(s)\n"),
+    (COLOR, "    return Color(x)\n"),
+    (ROOT, "    if n < 0:\n        raise ValueError('negative')\n    return int(n ** 0.5)\n"),
+    (DECODE, "    return s[::-1]\n"),
+    (POWER, "    return a ** b\n"),
+], ids=["namedtuple", "nested", "float", "none_mutating_its_argument", "own_global_shadowing_a_builtin",
+        "counter_as_dict", "intenum_as_int", "exception_the_test_expects", "prompt_helper_in_the_test",
+        "huge_int_and_keywords"])
 async def test_honest_results_of_any_plain_shape_pass(pool, task, completion):
     reward, info = await grade_completion(pool, task, completion)
     assert reward == 1.0, info
+
+
+@pytest.mark.parametrize("task,completion,detail", [
+    (FN, "    yield a + b\n", "the candidate returned generator, not plain data"),
+    (FN, "    return [object()]\n", "the candidate returned object, not plain data"),
+    (FN, "    x = []\n    x.append(x)\n    return x\n", "nested more than 100 deep"),
+    (OPAQUE, "    return 1\n", "the test passes the candidate a object, which cannot cross to its process"),
+    (FN, "    import os\n    os._exit(0)\n", "the program exited (status 0) before its tests finished"),
+])
+async def test_what_cannot_cross_between_the_processes_is_a_runtime_error_that_says_so(pool, task, completion, detail):
+    reward, info = await grade_completion(pool, task, completion)
+    assert reward == 0.0 and info["failure"] == "runtime_error" and detail in info["detail"], info
 
 
 async def test_stdio_output_is_whitespace_normalized_and_counts_passed_tests(pool):
