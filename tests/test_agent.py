@@ -145,6 +145,26 @@ async def test_sampled_groups_are_scored_in_their_environment_unless_told_not_to
     await gen.close()
 
 
+async def test_a_single_turn_prompt_too_long_for_the_engine_scores_as_an_empty_answer(capsys):
+    """The run goes on: its group has empty samples (finish_reason max_context) that the grader
+    scores, its held-out task scores 0, and the generator counts them."""
+    import random
+    from rayrl.rollout.generator import RolloutGenerator
+    from rayrl.tree import summarize
+    cfg = GRPOConfig()
+    cfg.rollout.group_size = 3
+    gen = RolloutGenerator(resolve_model_path(cfg.model), cfg.rollout, cfg.task)
+    task = gen.env.sample(random.Random(0))
+    gen.engine.max_context = len(gen.prompt_tokens(task))   # as vLLM's max_model_len, one token short
+    tree = await gen.rollout_group(task, "g0")
+    leaves = [tree.nodes[i] for i in tree.leaves()]
+    assert [(len(n), n.meta["finish_reason"], n.infra_failure) for n in leaves] == [(0, "max_context", False)] * 3
+    assert summarize(tree)["num_paths"] == 3
+    assert await gen.evaluate([vars(task)]) == [0.0]
+    assert gen.stats()["prompts_too_long"] == 4 and "does not fit the engine's context" in capsys.readouterr().out
+    await gen.close()
+
+
 @pytest.mark.parametrize("action, error", [
     (Action("write", {"path": "/etc/passwd", "content": "x"}), "Read-only file system"),
     (Action("write", {"path": ".", "content": "x"}), "Is a directory"),
@@ -183,7 +203,7 @@ async def test_a_context_that_fills_the_engine_ends_the_episode(tokenizer, tools
     assert (episode.end_reason, episode.turns) == ("max_context", 1)
 
 
-async def test_a_prompt_the_engine_cannot_take_fails_alone_not_its_batch():
+async def test_a_prompt_the_engine_cannot_take_gets_an_empty_completion_alone_not_its_batch(capsys):
     import asyncio
     from rayrl.rollout.generator import _Batcher
     from rayrl.rollout.torch_engine import TorchEngine
@@ -195,5 +215,6 @@ async def test_a_prompt_the_engine_cannot_take_fails_alone_not_its_batch():
     fits, too_long = await asyncio.gather(batcher.generate([1, 2, 3], params), batcher.generate(list(range(1, 9)), params),
                                           return_exceptions=True)
     serving.cancel()
-    assert len(fits.tokens) == 2
-    assert isinstance(too_long, ValueError) and "8 tokens does not fit the engine's context of 8" in str(too_long)
+    assert len(fits.tokens) == 2 and fits.finish_reason != "max_context"
+    assert (len(too_long.tokens), len(too_long.logprobs), too_long.finish_reason) == (0, 0, "max_context")
+    assert batcher.too_long == 1 and "8 tokens does not fit the engine's context of 8" in capsys.readouterr().out

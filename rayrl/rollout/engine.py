@@ -38,7 +38,8 @@ class SamplingParams:
 class Completion:
     tokens: np.ndarray      # int32 sampled ids, the stop token included when one was hit
     logprobs: np.ndarray    # float32 log-prob of each sampled token (see the module's convention)
-    finish_reason: str      # "stop" (emitted a stop token) | "length" (reached max_new_tokens)
+    finish_reason: str      # "stop" (emitted a stop token) | "length" (reached max_new_tokens) | "max_context"
+                            # (the generator's answer to a prompt the engine's context cannot take: no tokens)
     version: int            # weight version that produced it
     # MoE routing replay: the experts of every token of prompt + completion [tokens, layers, k]
     routes: np.ndarray | None = None

@@ -37,6 +37,9 @@ def sample_seed(seed: int, sample: int, turn: int = 0) -> int:
     return random.Random(f"{seed}:{sample}:{turn}").getrandbits(63)
 
 
+TOO_LONG_PRINTED = 5
+
+
 class _Batcher:
     """Collects concurrent generate requests into one engine call (the engine runs in a thread)."""
 
@@ -50,6 +53,7 @@ class _Batcher:
         self.engine_lock = asyncio.Lock()
         self.busy_s = 0.0
         self.tokens = 0
+        self.too_long = 0   # prompts the engine's context could not take
 
     async def generate(self, prompt, params: SamplingParams) -> Completion:
         future = asyncio.get_running_loop().create_future()
@@ -81,13 +85,20 @@ class _Batcher:
                         fut.set_exception(err)
 
     def _fits(self, item) -> bool:
-        """Whether a request's prompt fits the engine's context; one that does not fails alone,
-        not with every request batched with it."""
+        """Whether a request's prompt fits the engine's context. One that does not gets an empty
+        completion ending in `max_context` (the agent loop's end reason for a full context): its
+        sample scores as an empty answer, and the run and the requests batched with it go on. The
+        first few are printed: a data set of prompts too long is a configuration problem."""
         prompt, _, fut = item
         limit = self.engine.max_context
         if limit is None or len(prompt) < limit:
             return True
-        fut.set_exception(ValueError(f"a prompt of {len(prompt)} tokens does not fit the engine's context of {limit}"))
+        self.too_long += 1
+        if self.too_long <= TOO_LONG_PRINTED:
+            print(f"a prompt of {len(prompt)} tokens does not fit the engine's context of {limit}: its sample is "
+                  f"empty (finish_reason max_context)", flush=True)
+        if not fut.done():   # (its episode may have been cancelled meanwhile)
+            fut.set_result(Completion(np.zeros(0, np.int32), np.zeros(0, np.float32), "max_context", self.engine.version))
         return False
 
     async def _run(self, items: list) -> None:
@@ -332,7 +343,8 @@ class RolloutGenerator:
 
     def stats(self) -> dict:
         return {"groups": self.groups, "gen_tokens": self.batcher.tokens, "gen_busy_s": self.batcher.busy_s,
-                "env_s": self.env_s, "infra_failures": self.infra_failures, "version": self.engine.version}
+                "env_s": self.env_s, "infra_failures": self.infra_failures, "version": self.engine.version,
+                "prompts_too_long": self.batcher.too_long}
 
     async def sample_groups(self, n: int, seed: int, score: bool = True) -> list[tuple[dict, object]]:
         """n groups on fresh training tasks, not graded: samples of this generator's policy, e.g. a
