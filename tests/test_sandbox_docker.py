@@ -328,3 +328,26 @@ async def test_recovery_paths(docker_backend, monkeypatch):
         assert await sb.alive()
         r = await sb.exec("ls")
         assert r.stdout == b"seed.txt\n", r
+
+
+async def test_code_grading_in_the_image(docker_backend):
+    """The code runner (envs/code/runner.py) under the image's own python3: the candidate's
+    process and the checker's, plain data over their pipe, the pass token after the check."""
+    from envs.code import CodeTask, code_profile, grade_completion
+    from rayrl.sandbox.pool import SandboxPool
+    limits = code_profile().limits
+    pool = SandboxPool([docker_backend.profile_for(limits=limits, name="default")], min_idle=0, max_total=1,
+                       export_metrics=False, backends={"docker": docker_backend.backend})
+    task = CodeTask("t/pairs", "function", "from collections import namedtuple\nPair = namedtuple('Pair', 'a b')\n"
+                    "def pairs(xs, key):\n", entry_point="pairs",
+                    test="def check(candidate):\n    xs = [3, 1, 2]\n    assert candidate(xs, lambda v: -v) == Pair(3, 1)\n"
+                         "    assert xs == [3, 2, 1] and candidate([5], abs).b == 5\n")
+    honest = "    xs.sort(key=key)\n    return Pair(xs[0], xs[-1])\n"
+    from_frames = "    import sys\n    f = sys._getframe()\n    while f:\n        f.f_globals['Pair'] = lambda *a: 0\n" \
+                  "        f = f.f_back\n    return 0\n"
+    try:
+        results = [await grade_completion(pool, task, c) for c in (honest, "    return Pair(0, 0)\n", from_frames)]
+    finally:
+        await pool.shutdown()
+    assert [r for r, _ in results] == [1.0, 0.0, 0.0], results
+    assert [info["failure"] for _, info in results] == [None, "wrong_answer", "wrong_answer"], results
