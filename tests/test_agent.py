@@ -203,7 +203,7 @@ async def test_a_context_that_fills_the_engine_ends_the_episode(tokenizer, tools
     assert (episode.end_reason, episode.turns) == ("max_context", 1)
 
 
-async def test_a_prompt_the_engine_cannot_take_gets_an_empty_completion_alone_not_its_batch(capsys):
+async def test_a_request_is_cut_to_the_engines_context_and_one_that_cannot_fit_is_empty_alone(capsys):
     import asyncio
     from rayrl.rollout.generator import _Batcher
     from rayrl.rollout.torch_engine import TorchEngine
@@ -212,9 +212,11 @@ async def test_a_prompt_the_engine_cannot_take_gets_an_empty_completion_alone_no
     batcher = _Batcher(engine, max_batch=8)
     serving = asyncio.create_task(batcher.serve())
     params = SamplingParams(max_new_tokens=2)
-    fits, too_long = await asyncio.gather(batcher.generate([1, 2, 3], params), batcher.generate(list(range(1, 9)), params),
-                                          return_exceptions=True)
+    fits, cut, too_long = await asyncio.gather(batcher.generate([1, 2, 3], params),
+                                               batcher.generate(list(range(1, 8)), params),
+                                               batcher.generate(list(range(1, 9)), params), return_exceptions=True)
     serving.cancel()
     assert len(fits.tokens) == 2 and fits.finish_reason != "max_context"
+    assert (len(cut.tokens), cut.finish_reason) == (1, "length")   # 7 + 1 tokens fill the context of 8
     assert (len(too_long.tokens), len(too_long.logprobs), too_long.finish_reason) == (0, 0, "max_context")
     assert batcher.too_long == 1 and "8 tokens does not fit the engine's context of 8" in capsys.readouterr().out

@@ -50,7 +50,8 @@ class Engine(abc.ABC):
 
     version: int
     vocab_size: int
-    max_context: int | None = None   # the longest sequence it takes (vLLM's max_model_len); None: unchecked
+    max_context: int | None = None   # the longest sequence it takes (vLLM's max_model_len, the torch model's
+                                     # max_position_embeddings); None: unchecked
 
     @abc.abstractmethod
     def generate(self, prompts: list[TokenIds], params: SamplingParams) -> list[Completion]:

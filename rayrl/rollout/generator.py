@@ -76,7 +76,7 @@ class _Batcher:
             await asyncio.sleep(0)   # let the other ready episodes enqueue their turns
             while not self.queue.empty() and len(items) < self.max_batch:
                 items.append(self.queue.get_nowait())
-            items = [item for item in items if self._fits(item)]
+            items = [fitted for fitted in map(self._fitted, items) if fitted is not None]
             try:
                 await self._run(items)
             except Exception as err:  # fail the episodes that asked, keep serving the others
@@ -84,22 +84,26 @@ class _Batcher:
                     if not fut.done():
                         fut.set_exception(err)
 
-    def _fits(self, item) -> bool:
-        """Whether a request's prompt fits the engine's context. One that does not gets an empty
-        completion ending in `max_context` (the agent loop's end reason for a full context): its
-        sample scores as an empty answer, and the run and the requests batched with it go on. The
-        first few are printed: a data set of prompts too long is a configuration problem."""
-        prompt, _, fut = item
+    def _fitted(self, item):
+        """The request within the engine's context: its token budget cut to the room its prompt
+        leaves (a turn stops there with "length", as vLLM stops at max_model_len). A prompt that
+        leaves no room gets an empty completion ending in `max_context` (the agent loop's end reason
+        for a full context) and None is returned: its sample scores as an empty answer, and the run
+        and the requests batched with it go on. The first few are printed: a data set of prompts too
+        long is a configuration problem."""
+        prompt, params, fut = item
         limit = self.engine.max_context
-        if limit is None or len(prompt) < limit:
-            return True
+        if limit is None or len(prompt) + params.max_new_tokens <= limit:
+            return item
+        if len(prompt) < limit:
+            return prompt, replace(params, max_new_tokens=limit - len(prompt)), fut
         self.too_long += 1
         if self.too_long <= TOO_LONG_PRINTED:
             print(f"a prompt of {len(prompt)} tokens does not fit the engine's context of {limit}: its sample is "
                   f"empty (finish_reason max_context)", flush=True)
         if not fut.done():   # (its episode may have been cancelled meanwhile)
             fut.set_result(Completion(np.zeros(0, np.int32), np.zeros(0, np.float32), "max_context", self.engine.version))
-        return False
+        return None
 
     async def _run(self, items: list) -> None:
         if self.pending_weights is not None:

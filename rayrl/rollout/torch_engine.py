@@ -29,6 +29,9 @@ class TorchEngine(Engine):
         self.model = load_model(path, dtype)
         self.max_batch = max_batch
         self.vocab_size = self.model.config.vocab_size
+        # the positions the model was built for, as vLLM's max_model_len defaults to: past them a
+        # rotary model extrapolates and a learned-position one fails
+        self.max_context = getattr(self.model.config, "max_position_embeddings", None)
         self.version = 0
         # MCLA / routing replay on the engine side (set from the run's MCLAConfig by the generator).
         self.logprob_passes = 1
