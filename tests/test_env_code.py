@@ -237,6 +237,36 @@ async def test_what_cannot_cross_between_the_processes_is_a_runtime_error_that_s
     assert reward == 0.0 and info["failure"] == "runtime_error" and detail in info["detail"], info
 
 
+def test_plain_data_crosses_between_the_processes_exactly_and_nothing_else_does():
+    """envs.code.runner's encoding, as the pipe carries it (JSON): every plain shape comes back equal
+    and of its own type; the checker's decoder builds nothing but plain types from any JSON."""
+    import math
+    from collections import Counter, namedtuple
+    from envs.code.runner import NotPlain, decode, encode
+    pair = namedtuple("Pair", "a b")
+    wire = lambda value, callables=None: json.loads(json.dumps(encode(value, callables)))
+    shapes = [None, True, 0, -3 ** 9000, 0.1, -0.0, 1e308, 1 - 2j, "é\ud800", b"\x00\xff", [], [1, "a", None],
+              (1, (2,)), {1, 2}, frozenset({"x"}), {"k": [1, {2: (3, b"")}], (1, 2): {4}}, pair(1, [2]),
+              [[i, str(i)] for i in range(200)]]
+    for value in shapes:
+        back = decode(wire(value), {"Pair": pair})
+        assert back == value and type(back) is type(value), (value, back)
+    assert math.isnan(decode(wire(float("nan")))) and decode(wire(float("-inf"))) == float("-inf")
+    assert type(decode(wire(Counter("aab")))) is dict and decode(wire(Counter("aab"))) == {"a": 2, "b": 1}
+    assert type(decode(wire(pair(1, 2)))) is tuple        # a namedtuple the checker's prompt lacks: a tuple
+    callables = []
+    assert decode(wire([len, 1], callables), stub=lambda i: ("stub", i)) == [("stub", 0), 1] and callables == [len]
+    nested = []
+    for _ in range(150):
+        nested = [nested, 0]
+    for value in (object(), [1, object()], len, iter([]), nested):
+        with pytest.raises(NotPlain):
+            encode(value)
+    for forged in ({"eq": 1}, {"t": 1}, {"fn": 0}, {"d": [[[1], 2]]}, {"y": "zz"}, {"c": ["1", 2]}, {"t": [], "S": []}):
+        with pytest.raises((ValueError, TypeError)):
+            decode(forged)
+
+
 async def test_stdio_output_is_whitespace_normalized_and_counts_passed_tests(pool):
     reward, info = await grade_completion(pool, IO, "print('  ' + str(sum(map(int, input().split()))) + '  \\n\\n')")
     assert reward == 1.0 and info["passed"] == 2

@@ -34,6 +34,7 @@ other error.
 """
 
 import builtins
+import itertools
 import json
 import os
 import signal
@@ -49,81 +50,92 @@ class NotPlain(TypeError):
     """A value that cannot cross between the checker and the candidate's process."""
 
 
+_NATIVE = frozenset({str, int, float, bool, type(None)})   # what JSON gives back exactly, as itself
+
+
 def encode(value, callables=None, depth=0):
-    """The tagged, JSON-ready form of plain data. Callables are passed by index into `callables` where
-    that is given (the test's arguments); elsewhere they are not plain."""
-    if depth > MAX_DEPTH:
+    """The JSON-ready form of plain data: str, int, float, bool, None and lists as themselves, the
+    rest tagged ({"t": items} a tuple, {"d": pairs} a dict, ...). Callables are passed by index into
+    `callables` where that is given (the test's arguments); elsewhere they are not plain."""
+    kind = type(value)
+    if kind in _NATIVE:
+        return value
+    if depth >= MAX_DEPTH:
         raise NotPlain("data nested more than %d deep (or holding itself)" % MAX_DEPTH)
-    if value is None:
-        return ["N"]
+    if kind is list and set(map(type, value)) <= _NATIVE:   # the common case, at C speed
+        return value
+    if kind is dict and set(map(type, value)) <= _NATIVE and set(map(type, value.values())) <= _NATIVE:
+        return {"d": list(value.items())}
     if isinstance(value, bool):
-        return ["b", bool(value)]
+        return bool(value)
     if isinstance(value, int):
-        return ["i", hex(int(value))]          # hex: no limit on the number of digits
+        return int(value)
     if isinstance(value, float):
-        return ["f", float(value).hex()]       # exact, nan and inf included
-    if isinstance(value, complex):
-        value = complex(value)
-        return ["c", value.real.hex(), value.imag.hex()]
+        return float(value)
     if isinstance(value, str):
-        return ["s", str(value)]
+        return str(value)
+    if isinstance(value, complex):
+        return {"c": [complex(value).real, complex(value).imag]}
     if isinstance(value, bytes):
-        return ["y", bytes(value).hex()]
+        return {"y": bytes(value).hex()}
     if isinstance(value, (list, tuple, set, frozenset)):
         items = [encode(item, callables, depth + 1) for item in value]
         fields = getattr(type(value), "_fields", None)
         if isinstance(value, tuple) and isinstance(fields, tuple) and all(isinstance(f, str) for f in fields):
-            return ["nt", type(value).__name__, list(fields), items]
-        tag = "t" if isinstance(value, tuple) else "l" if isinstance(value, list) else \
-            "z" if isinstance(value, frozenset) else "S"
-        return [tag, items]
+            return {"nt": [type(value).__name__, list(fields), items]}
+        if isinstance(value, list):
+            return items
+        return {"t" if isinstance(value, tuple) else "z" if isinstance(value, frozenset) else "S": items}
     if isinstance(value, dict):
-        return ["d", [[encode(k, callables, depth + 1), encode(v, callables, depth + 1)] for k, v in value.items()]]
+        return {"d": [[encode(k, callables, depth + 1), encode(v, callables, depth + 1)] for k, v in value.items()]}
     if callables is not None and callable(value) and not isinstance(value, type):
         callables.append(value)
-        return ["fn", len(callables) - 1]
+        return {"fn": len(callables) - 1}
     raise NotPlain(type(value).__qualname__)
 
 
-_SCALARS = {"i": (str, lambda x: int(x, 16)), "f": (str, float.fromhex), "s": (str, str), "y": (str, bytes.fromhex),
-            "b": (bool, bool)}   # tag: (JSON type, decoder)
-_CONTAINERS = {"l": list, "t": tuple, "S": set, "z": frozenset}
-
-
-def _malformed(item):
-    raise ValueError("not a tagged value: %.80r" % (item,))
+_CONTAINERS = {"t": tuple, "S": set, "z": frozenset}
 
 
 def decode(item, namedtuples=None, stub=None, depth=0):
-    """The value of `encode`'s output. Builds only plain types (and the prompt's namedtuple classes, looked
-    up in `namedtuples`); `stub(index)` stands in for a callable (the candidate's side only)."""
-    if depth > MAX_DEPTH or not isinstance(item, list) or not item or not isinstance(item[0], str):
-        _malformed(item)
-    tag, rest = item[0], item[1:]
-    if tag == "N" and not rest:
-        return None
-    if tag in _SCALARS and len(rest) == 1 and type(rest[0]) is _SCALARS[tag][0]:
-        return _SCALARS[tag][1](rest[0])
-    if tag == "c" and len(rest) == 2 and all(type(x) is str for x in rest):
-        return complex(float.fromhex(rest[0]), float.fromhex(rest[1]))
-    if tag in _CONTAINERS and len(rest) == 1 and isinstance(rest[0], list):
-        return _CONTAINERS[tag](decode(x, namedtuples, stub, depth + 1) for x in rest[0])
-    if tag == "d" and len(rest) == 1 and isinstance(rest[0], list):
-        return {decode(k, namedtuples, stub, depth + 1): decode(v, namedtuples, stub, depth + 1)
-                for k, v in rest[0]}
-    if tag == "nt" and len(rest) == 3 and isinstance(rest[2], list):
+    """The value of `encode`'s output, as json.loads gives it. Builds only plain types (and the
+    prompt's namedtuple classes, looked up in `namedtuples`); `stub(index)` stands in for a callable
+    (the candidate's side only)."""
+    kind = type(item)
+    if kind in _NATIVE:
+        return item
+    if depth >= MAX_DEPTH:
+        raise ValueError("data nested more than %d deep" % MAX_DEPTH)
+    if kind is list:
+        if set(map(type, item)) <= _NATIVE:
+            return item
+        return [decode(x, namedtuples, stub, depth + 1) for x in item]
+    if kind is not dict or len(item) != 1:
+        raise ValueError("not an encoded value: %.80r" % (item,))
+    (tag, rest), = item.items()
+    if tag in _CONTAINERS and type(rest) is list:
+        return _CONTAINERS[tag](decode(x, namedtuples, stub, depth + 1) for x in rest)
+    if tag == "d" and type(rest) is list:
+        if set(map(type, itertools.chain.from_iterable(rest))) <= _NATIVE:
+            return dict(rest)
+        return {decode(k, namedtuples, stub, depth + 1): decode(v, namedtuples, stub, depth + 1) for k, v in rest}
+    if tag == "y" and type(rest) is str:
+        return bytes.fromhex(rest)
+    if tag == "c" and type(rest) is list and len(rest) == 2 and {type(x) for x in rest} <= {int, float}:
+        return complex(*rest)
+    if tag == "nt" and type(rest) is list and len(rest) == 3 and type(rest[2]) is list:
         items = tuple(decode(x, namedtuples, stub, depth + 1) for x in rest[2])
-        kind = (namedtuples or {}).get(rest[0])
+        kind = (namedtuples or {}).get(rest[0]) if type(rest[0]) is str else None
         if isinstance(kind, type) and issubclass(kind, tuple) and getattr(kind, "_fields", None) == tuple(rest[1]):
             return kind(*items)
         return items
-    if tag == "fn" and stub is not None and len(rest) == 1 and type(rest[0]) is int:
-        return stub(rest[0])
-    _malformed(item)
+    if tag == "fn" and stub is not None and type(rest) is int:
+        return stub(rest)
+    raise ValueError("not an encoded value: %.80r" % (item,))
 
 
 def send(fd, message):
-    data = json.dumps(message).encode()
+    data = json.dumps(message, separators=(",", ":")).encode()
     data = len(data).to_bytes(8, "big") + data
     while data:
         data = data[os.write(fd, data):]
@@ -372,6 +384,8 @@ def _end(pid, status, token=None):
 
 
 def main():
+    if hasattr(sys, "set_int_max_str_digits"):
+        sys.set_int_max_str_digits(0)   # ints cross as JSON decimals, of any length
     mode, path = sys.argv[1], sys.argv[2]
     if mode == "function":
         check_function(path, sys.argv[3])
